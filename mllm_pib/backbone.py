@@ -1,0 +1,295 @@
+"""The contract every backbone plugin implements.
+
+A backbone is a frozen multimodal LLM cut in two at the place where the post-interaction block
+goes: everything up to and including the decoder's final norm (``encode_vision`` +
+``lm_forward``), and the vocabulary projection (``lm_head``). The core composes them as::
+
+    vision = backbone.encode_vision(**vision_inputs)
+    hidden = backbone.lm_forward(backbone.embed(input_ids), vision, attention_mask,
+                                 image_mask=input_ids == backbone.image_token_id).hidden
+    logits = backbone.lm_head(pib(hidden, vision.pib, vision.pib_mask))
+
+All three published backbones put their visual tokens into the LLM input the same way: the
+prompt holds one placeholder token per visual token and the decoder input embeddings at those
+positions are replaced by the visual embeddings. :class:`DecoderBackbone` implements that once;
+a plugin only supplies the pieces that differ (vision encoder, template, processor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from mllm_pib.spec import BackboneSpec  # noqa: F401  (re-exported: plugins import it from here too)
+
+
+@dataclass
+class VisionFeatures:
+    """What one batch of images gives the model.
+
+    Attributes:
+        pib: ``[B, N, Dv]`` the features the post-interaction block attends to.
+        llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input.
+        pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
+    """
+
+    pib: torch.Tensor
+    llm: torch.Tensor
+    pib_mask: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
+        """Apply ``fn`` to every tensor (indexing, repeating, moving)."""
+        mask = None if self.pib_mask is None else fn(self.pib_mask)
+        return replace(self, pib=fn(self.pib), llm=fn(self.llm), pib_mask=mask)
+
+    def repeat_interleave(self, n: int) -> "VisionFeatures":
+        """Fan each image out to ``n`` consecutive rows (several answers, beams)."""
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
+
+
+@dataclass
+class LMOutput:
+    """Final hidden states (after the decoder's final norm) and the decoder's KV cache."""
+
+    hidden: torch.Tensor
+    cache: Cache | None = None
+
+
+class Backbone(nn.Module):
+    """Abstract backbone. Subclasses set the attributes and implement the methods below.
+
+    Attributes:
+        name: registry name of the backbone (``"llava"``).
+        tokenizer: a ``PreTrainedTokenizerBase``.
+        image_token_id: id of the placeholder token marking visual-token positions.
+        pib_vision_size: ``Dv``, width of :attr:`VisionFeatures.pib`.
+        hidden_size: ``H``, width of the decoder's hidden states.
+        feature: which vision features the PIB reads (backbone-specific option name).
+        model_id: identity of the base weights (a path or hub id), recorded in checkpoints.
+    """
+
+    name: ClassVar[str] = ""
+    feature_choices: ClassVar[tuple[str, ...]] = ()
+
+    tokenizer: Any
+    image_token_id: int
+    pib_vision_size: int
+    hidden_size: int
+    feature: str
+    model_id: str
+
+    # --- vision -----------------------------------------------------------------------------
+    def preprocess(self, images: list, questions: list[str]) -> dict[str, torch.Tensor]:
+        """Turn PIL images (and the questions, for backbones whose vision side reads the
+        instruction) into the keyword arguments of :meth:`encode_vision`."""
+        raise NotImplementedError
+
+    def encode_vision(self, pixel_values: torch.Tensor, **vision_inputs) -> VisionFeatures:
+        """Encode a batch of images; see :class:`VisionFeatures`."""
+        raise NotImplementedError
+
+    # --- language ---------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text input embeddings ``[B, T, H]`` (placeholders included)."""
+        raise NotImplementedError
+
+    def lm_forward(
+        self,
+        hidden: torch.Tensor,
+        vision_feats: VisionFeatures | None,
+        attention_mask: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        image_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> LMOutput:
+        """Run the frozen decoder up to and including its final norm.
+
+        Args:
+            hidden: ``[B, T, H]`` input embeddings of the new tokens.
+            vision_feats: the images' features; their ``llm`` embeddings replace the positions
+                of ``image_mask``. ``None`` when the new tokens hold no placeholder (decoding).
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding.
+            cache: the decoder KV cache to extend (``None``: no cache kept).
+            image_mask: ``[B, T]`` bool, positions of the visual placeholders.
+            position_ids: ``[B, T]``; derived from ``attention_mask`` when omitted.
+        """
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Module:
+        """The vocabulary projection."""
+        raise NotImplementedError
+
+    def parts(self) -> dict[str, nn.Module]:
+        """Named parts for the freezing policy (a subset of ``vision``, ``projector``,
+        ``qformer``, ``llm``, ``lm_head``)."""
+        raise NotImplementedError
+
+    # --- template ---------------------------------------------------------------------------
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the full prompt up to where the answer starts, with the visual
+        placeholders expanded to their final count."""
+        raise NotImplementedError
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of an answer, ending with the end-of-turn token that is scored too."""
+        raise NotImplementedError
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end generation."""
+        return [self.tokenizer.eos_token_id]
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # --- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        """Write the base model in a layout ``load(path)`` reads back."""
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the base model: recorded in PIB checkpoints and feature caches."""
+        return {
+            "backbone": self.name,
+            "model_id": self.model_id,
+            "feature": self.feature,
+            "hidden_size": self.hidden_size,
+            "pib_vision_size": self.pib_vision_size,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of the frozen weights' shapes and a sample of their values."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
+            digest.update(json.dumps([name, list(tensor.shape)]).encode())
+            digest.update(sample.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions of the last ``length`` tokens, counting only real tokens (left padding)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions[:, -length:]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A single-turn conversation template.
+
+    ``prompt`` holds ``{image}`` (where the visual placeholders go) and ``{question}``; it ends
+    where the answer starts. ``answer`` holds ``{answer}`` and the end-of-turn text, which is
+    scored with the answer (e.g. ``" {answer}</s>"``).
+    """
+
+    prompt: str
+    answer: str
+
+    def prompt_text(self, question: str, image: str) -> str:
+        return self.prompt.format(image=image, question=question)
+
+
+def expand_image_tokens(ids: list[int], image_token_id: int, count: int) -> list[int]:
+    """Replace the single image placeholder of a tokenised prompt by ``count`` copies."""
+    found = ids.count(image_token_id)
+    if found != 1:
+        raise ValueError(f"the prompt must hold exactly one image placeholder, found {found}")
+    at = ids.index(image_token_id)
+    return ids[:at] + [image_token_id] * count + ids[at + 1 :]
+
+
+class DecoderBackbone(Backbone):
+    """A backbone whose LLM is a transformers decoder (``LlamaModel`` and kin).
+
+    Subclasses set ``self.decoder`` (the decoder without head, ending in its final norm),
+    ``self._lm_head``, ``self.template``, ``self.image_token`` (placeholder text) and
+    ``self.num_image_tokens``; this class tokenises prompts and answers, places the visual
+    embeddings and runs the decoder.
+    """
+
+    decoder: nn.Module
+    _lm_head: nn.Module
+    template: PromptTemplate
+    image_token: str
+    num_image_tokens: int
+
+    def prompt_ids(self, question: str) -> list[int]:
+        text = self.template.prompt_text(question, self.image_token)
+        ids = self.tokenizer(text).input_ids
+        return expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
+
+    def answer_ids(self, answer: str) -> list[int]:
+        # Tokenise the answer in its context (after the prompt's last characters), so that the
+        # ids are those of the whole conversation tokenised at once, as the model was trained.
+        context = self.template.prompt.rstrip().rsplit(" ", 1)[-1]
+        if "{" in context:
+            context = "."
+        base = self.tokenizer(context).input_ids
+        full = self.tokenizer(context + self.template.answer.format(answer=answer)).input_ids
+        if full[: len(base)] != base:
+            raise ValueError(f"cannot split the answer {answer!r} from its prompt context")
+        return full[len(base) :]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    def lm_forward(
+        self,
+        hidden: torch.Tensor,
+        vision_feats: VisionFeatures | None,
+        attention_mask: torch.Tensor,
+        cache: Cache | None = None,
+        *,
+        image_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> LMOutput:
+        if image_mask is not None and image_mask.any():
+            hidden = place_visual_tokens(hidden, vision_feats, image_mask)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, hidden.shape[1])
+        out = self.decoder(
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return LMOutput(hidden=out.last_hidden_state, cache=out.cache)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self._lm_head
+
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.decoder.config)
+
+
+def place_visual_tokens(
+    hidden: torch.Tensor, vision_feats: VisionFeatures | None, image_mask: torch.Tensor
+) -> torch.Tensor:
+    """Replace the placeholder embeddings by the visual embeddings, row by row in order."""
+    if vision_feats is None:
+        raise ValueError("the input holds image placeholder tokens but no image features were given")
+    expected = vision_feats.llm.shape[0] * vision_feats.llm.shape[1]
+    found = int(image_mask.sum())
+    if found != expected:
+        raise ValueError(
+            f"the input holds {found} image placeholder tokens but the images give {expected} "
+            f"visual tokens ({vision_feats.llm.shape[1]} per image); the prompt template and the "
+            "vision encoder disagree"
+        )
+    visual = vision_feats.llm.to(hidden.dtype).reshape(-1, hidden.shape[-1])
+    return hidden.masked_scatter(image_mask.unsqueeze(-1), visual)

@@ -1,0 +1,154 @@
+"""PIB checkpoints: the trained weights only, in safetensors, with what they belong to.
+
+A checkpoint directory holds::
+
+    pib_config.json         the PIBConfig
+    model.safetensors       trained tensors, named "<part>.<parameter>": always "pib.*";
+                            "lm_head.*" when the head trained; "llm.*lora_*" for LoRA adapters
+    pib_checkpoint.json     format version, package version, the base model's identity
+                            (backbone, model id, feature, widths, fingerprint), freeze policy
+
+Nothing is ever read with pickle. A checkpoint is refused when loaded into a backbone of another
+name, hidden size, vision width or feature option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mllm_pib import __version__
+from mllm_pib.block import PIBConfig, PostInteractionBlock
+from mllm_pib.errors import UserError
+from mllm_pib.freezing import FreezePolicy
+from mllm_pib.io import atomic_write_json
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "pib_config.json"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "pib_checkpoint.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def trained_state(model, policy: FreezePolicy) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: the PIB, plus every part the policy trained."""
+    parts = model.parts()
+    state = {f"pib.{k}": v for k, v in parts["pib"].state_dict().items()}
+    for part, mode in policy.parts.items():
+        if part == "pib" or mode == "freeze":
+            continue
+        for name, tensor in parts[part].state_dict().items():
+            if mode == "train" or "lora_" in name:
+                state[f"{part}.{name}"] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(path: str | os.PathLike, model, policy: FreezePolicy, extra: dict | None = None) -> None:
+    """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(trained_state(model, policy), tmp / WEIGHTS_FILE)
+        atomic_write_json(tmp / CONFIG_FILE, model.pib.config.model_dump())
+        atomic_write_json(tmp / META_FILE, {
+            "format_version": FORMAT_VERSION,
+            "mllm_pib_version": __version__,
+            "base_model": model.backbone.identity(),
+            "freeze_policy": policy.model_dump(),
+            **(extra or {}),
+        })
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[PIBConfig, dict[str, torch.Tensor], dict]:
+    """Read config, tensors and metadata; every problem is a :class:`UserError` naming the file."""
+    path = Path(path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise UserError(
+            f"{path}: a pickle file; PIB checkpoints are directories with safetensors weights and "
+            "are never unpickled (pickle can run arbitrary code)"
+        )
+    for name in (CONFIG_FILE, WEIGHTS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: not a PIB checkpoint ({name} is missing)")
+    try:
+        config = PIBConfig.model_validate_json((path / CONFIG_FILE).read_text())
+    except ValueError as err:
+        raise UserError(f"{path / CONFIG_FILE}: invalid PIB config: {err}") from None
+    try:
+        state = load_file(path / WEIGHTS_FILE)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path / WEIGHTS_FILE}: unreadable safetensors file ({err}); it may be truncated") from None
+    meta = json.loads((path / META_FILE).read_text())
+    return config, state, meta
+
+
+def check_compatible(meta: dict, backbone, path) -> None:
+    base = meta.get("base_model", {})
+    wanted = {
+        "backbone": backbone.name,
+        "hidden_size": backbone.hidden_size,
+        "pib_vision_size": backbone.pib_vision_size,
+        "feature": backbone.feature,
+    }
+    for key, value in wanted.items():
+        if base.get(key) != value:
+            raise UserError(
+                f"{path}: this PIB was trained for {key} {base.get(key)!r} but the loaded backbone has "
+                f"{value!r}; load it into the backbone it was trained on "
+                f"({base.get('backbone')!r}, model {base.get('model_id')!r})"
+            )
+
+
+def load_checkpoint(path: str | os.PathLike, backbone):
+    """Build a :class:`~mllm_pib.model.PIBModel` from ``backbone`` and a checkpoint."""
+    from mllm_pib.freezing import add_lora
+    from mllm_pib.model import PIBModel
+
+    config, state, meta = read_checkpoint(path)
+    check_compatible(meta, backbone, path)
+    model = PIBModel(backbone, PostInteractionBlock(config))
+    policy = FreezePolicy.model_validate(meta.get("freeze_policy", {}))
+    if policy.uses_lora:
+        add_lora(model.parts()["llm"], policy.lora)
+    if policy.trains_lm_head:
+        model.keep_reference_head()
+    load_parts(model, state, path)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_parts(model, state: dict[str, torch.Tensor], path) -> None:
+    """Copy "<part>.<name>" tensors into the model's parts, refusing unknown or missing ones."""
+    parts = model.parts()
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        part, _, name = key.partition(".")
+        if part not in parts:
+            raise UserError(f"{path}: weights for part {part!r}, which this backbone lacks")
+        grouped.setdefault(part, {})[name] = tensor
+    for part, tensors in grouped.items():
+        strict = part == "pib"
+        missing, unexpected = parts[part].load_state_dict(tensors, strict=False)
+        if unexpected or (strict and missing):
+            raise UserError(
+                f"{path}: {part} weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )

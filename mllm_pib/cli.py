@@ -1,0 +1,51 @@
+"""The ``mllm-pib`` command line.
+
+Each command lives next to the code it drives and contributes its sub-parser through a
+``add_parser(subparsers)`` function; heavy imports happen inside the command handlers so that
+``mllm-pib --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mllm_pib import __version__
+from mllm_pib.errors import UserError
+
+# module path of each command group, in the order ``--help`` lists them
+COMMAND_MODULES = (
+    "mllm_pib.commands.backbones",
+    "mllm_pib.commands.train",
+    "mllm_pib.commands.eval",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mllm-pib",
+        description="Train and evaluate post-interaction blocks (PIB) against object hallucination.",
+    )
+    parser.add_argument("--version", action="version", version=f"mllm-pib {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""CLI command groups; see :mod:`mllm_pib.cli`."""

@@ -1,0 +1,256 @@
+"""``mllm-pib eval``: hallucination benchmarks that need no model.
+
+- ``eval pope score``: score an answers file against POPE questions (pairs by question id).
+- ``eval pope build``: build random / popular / adversarial POPE splits from object annotations.
+- ``eval chair``: CHAIR_s, CHAIR_i and object recall of image descriptions.
+- ``eval shr judge``: SHR of given descriptions, judged by a chat-completions endpoint.
+
+Tables show percentages with 2 decimals; ``--json`` prints raw fractions (SHR, a percentage by
+definition, excepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mllm_pib.errors import UserError
+
+if TYPE_CHECKING:
+    from mllm_pib.evaluation.judge import JudgeConfig
+
+POPE_COLUMNS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+COUNT_COLUMNS = ("tp", "fp", "tn", "fn", "total")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="hallucination benchmarks (POPE, CHAIR, SHR)")
+    groups = parser.add_subparsers(dest="eval_command", metavar="BENCHMARK")
+    _show_help_without_subcommand(parser)
+    add_pope_parser(groups)
+    add_chair_parser(groups)
+    add_shr_parser(groups)
+
+
+def _show_help_without_subcommand(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(handler=lambda args: parser.print_help() or 2)
+
+
+# ---------------------------------------------------------------------------- POPE
+
+
+def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``eval pope`` and its sub-commands; returns the ``pope`` parser."""
+    pope = groups.add_parser("pope", help="POPE: score answers, build question splits")
+    _show_help_without_subcommand(pope)
+    commands = pope.add_subparsers(dest="pope_command", metavar="COMMAND")
+
+    score = commands.add_parser(
+        "score",
+        help="score an answers file",
+        description=(
+            "Score answers with the official POPE rule (text before the first '.', commas dropped; "
+            "'no' if a word is No/no/not), pairing answers with questions by question_id. Give "
+            "--answers/--questions pairs (one labelled question file per split, JSON lines or a JSON "
+            "array; the split comes from the file name), or LLaVA's combined llava_pope_test.jsonl "
+            "with --labels DIR holding coco_pope_{category}.json."
+        ),
+    )
+    score.add_argument("--answers", action="append", required=True, metavar="FILE",
+                       help="answers JSON lines with question_id and text (or answer); repeat per --questions")
+    score.add_argument("--questions", action="append", required=True, metavar="FILE",
+                       help="question file paired with the --answers at the same position")
+    score.add_argument("--labels", metavar="DIR", help="label files for LLaVA's combined question file")
+    score.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
+    score.set_defaults(handler=run_pope_score)
+
+    build = commands.add_parser(
+        "build",
+        help="build POPE splits from object annotations",
+        description=(
+            "Sample N images with at least 3 objects; per image ask about its first 3 objects "
+            "(yes) each followed by one absent object (no) chosen at random, by frequency "
+            "(popular) or by co-occurrence with the positive (adversarial). Writes "
+            "coco_pope_{random,popular,adversarial}.json (JSON lines)."
+        ),
+    )
+    build.add_argument("--annotations", required=True, metavar="FILE",
+                       help="COCO instances_*.json, or JSON lines of {\"image\", \"objects\"}")
+    build.add_argument("--images", type=int, required=True, metavar="N", help="number of images to sample")
+    build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    build.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    build.set_defaults(handler=run_pope_build)
+    return pope
+
+
+def run_pope_score(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation import pope
+
+    if len(args.answers) != len(args.questions):
+        raise UserError(
+            f"give one --answers per --questions ({len(args.answers)} answers files, {len(args.questions)} question files)"
+        )
+    scores = {}
+    for answers_path, questions_path in zip(args.answers, args.questions):
+        questions = pope.load_questions(questions_path, args.labels)
+        answers = pope.read_answers(answers_path)
+        pope.check_answer_ids(questions, answers, f"{answers_path} vs {questions_path}")
+        split_scores = pope.score(questions, answers)
+        if clash := sorted(set(split_scores) & set(scores)):
+            raise UserError(f"{questions_path}: split(s) {clash} already given by another question file")
+        scores.update(split_scores)
+    report = pope.report(scores)
+    print(json.dumps(report, indent=2) if args.json else format_pope_table(report))
+    return 0
+
+
+def format_pope_table(report: dict) -> str:
+    """Per-split metrics in percent (2 decimals) and confusion counts, then the mean F1."""
+    header = ("split", *POPE_COLUMNS, *COUNT_COLUMNS)
+    rows = [header]
+    for split, m in report.items():
+        if split != "mean_f1":
+            rows.append((split, *(f"{100 * m[c]:.2f}" for c in POPE_COLUMNS), *(str(m[c]) for c in COUNT_COLUMNS)))
+    return _table(rows) + f"\nmean F1: {100 * report['mean_f1']:.2f}"
+
+
+def run_pope_build(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation import pope
+
+    if args.images < 1:
+        raise UserError(f"--images must be at least 1, got {args.images}")
+    splits = pope.build_splits(pope.load_object_images(args.annotations), args.images, args.seed)
+    for path, questions in zip(pope.write_splits(splits, args.out), splits.values()):
+        print(f"{path}: {len(questions)} questions")
+    return 0
+
+
+# ---------------------------------------------------------------------------- CHAIR
+
+
+def add_chair_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    chair = groups.add_parser(
+        "chair",
+        help="CHAIR object hallucination of image descriptions",
+        description=(
+            "CHAIR_s (descriptions with a hallucinated object), CHAIR_i (hallucinated object "
+            "mentions) and object recall, against COCO instance + caption annotations or JSON "
+            "lines of {\"image_id\", \"objects\"}."
+        ),
+    )
+    chair.add_argument("--captions", required=True, metavar="FILE",
+                       help="JSON lines (or array) of {\"image_id\", \"caption\"}")
+    chair.add_argument("--annotations", required=True, nargs="+", metavar="PATH",
+                       help="a COCO annotations directory, instances_*.json / captions_*.json files, "
+                            "or objects JSON lines")
+    chair.add_argument("--synonyms", metavar="FILE", help="CHAIR synonym list (default: the COCO list shipped)")
+    chair.add_argument("--json", action="store_true", help="print metrics and per-caption hallucinations as JSON")
+    chair.set_defaults(handler=run_chair)
+    return chair
+
+
+def run_chair(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation import chair
+
+    vocab = chair.ChairVocabulary.from_file(args.synonyms)
+    truth = chair.load_ground_truth(args.annotations, vocab)
+    report = chair.evaluate(chair.load_captions(args.captions), truth, vocab)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    rows = [
+        ("CHAIR_s", "CHAIR_i", "recall", "captions", "mentions", "hallucinated"),
+        (
+            f"{100 * report.chair_s:.2f}", f"{100 * report.chair_i:.2f}", f"{100 * report.recall:.2f}",
+            str(report.captions), str(report.mentions), str(report.hallucinated_mentions),
+        ),
+    ]
+    print(_table(rows))
+    return 0
+
+
+# ---------------------------------------------------------------------------- SHR
+
+
+def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``eval shr`` and its ``judge`` sub-command; returns the ``shr`` parser."""
+    shr = groups.add_parser("shr", help="SHR sentence-level hallucination ratio")
+    _show_help_without_subcommand(shr)
+    commands = shr.add_subparsers(dest="shr_command", metavar="COMMAND")
+    judge = commands.add_parser(
+        "judge",
+        help="judge given descriptions",
+        description=(
+            "Judge model descriptions of SHR validation images sentence by sentence with a judge "
+            "LLM behind an OpenAI-compatible chat-completions endpoint; writes judgements.jsonl "
+            "and metrics.json. Replies are cached in OUT/judge_cache.jsonl, so a rerun asks "
+            "nothing twice."
+        ),
+    )
+    judge.add_argument("--descriptions", required=True, metavar="FILE",
+                       help="JSON object {\"<VG image id>\": \"description\", ...}")
+    judge.add_argument("--shr-dir", required=True, metavar="DIR",
+                       help="val_images_final.json and shr_factual_part*.jsonl")
+    judge.add_argument("--vg-dir", required=True, metavar="DIR", help="image_data.json and region_descriptions.json")
+    judge.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_judge_arguments(judge)
+    judge.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    judge.set_defaults(handler=run_shr_judge)
+    return shr
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The judge endpoint options (shared by every command that asks a judge)."""
+    parser.add_argument("--judge-url", required=True, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1")
+    parser.add_argument("--judge-model", required=True, metavar="NAME", help="judge model name, e.g. gpt-4")
+    parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default 4)")
+    parser.add_argument("--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default 5)")
+    parser.add_argument("--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+
+
+def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConfig:
+    """A :class:`~mllm_pib.evaluation.judge.JudgeConfig` from :func:`add_judge_arguments` options."""
+    from pydantic import ValidationError
+
+    from mllm_pib.evaluation.judge import JudgeConfig
+
+    try:
+        return JudgeConfig(
+            url=args.judge_url, model=args.judge_model, api_key_env=args.api_key_env,
+            concurrency=args.judge_concurrency, max_retries=args.judge_retries, timeout_s=args.judge_timeout,
+            cache_path=cache_path,
+        )
+    except ValidationError as err:
+        raise UserError(f"bad judge options: {err}") from None
+
+
+def run_shr_judge(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation.judge import JudgeClient
+    from mllm_pib.evaluation.shr import run_shr
+    from mllm_pib.io import read_json
+
+    descriptions = read_json(args.descriptions)
+    if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
+        raise UserError(f"{args.descriptions}: expected a JSON object of image id -> description text")
+    client = JudgeClient(judge_config(args, Path(args.out) / "judge_cache.jsonl"))
+    metrics = run_shr(descriptions, args.shr_dir, args.vg_dir, client, args.out)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(_table([
+        ("SHR", "images", "sentences/img", "words/img", "hal sent/img", "hal words/img", "unlabelled"),
+        (
+            f"{metrics['shr']:.2f}", str(metrics["images"]), f"{metrics['sentences_per_image']:.2f}",
+            f"{metrics['words_per_image']:.2f}", f"{metrics['hal_sentences_per_image']:.2f}",
+            f"{metrics['hal_words_per_image']:.2f}", str(sum(metrics["unlabelled_images"].values())),
+        ),
+    ]))
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,1 @@
+"""Preference data: readers of the published formats, validation, tokenisation, collation."""

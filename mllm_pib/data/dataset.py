@@ -1,0 +1,104 @@
+"""Validated, tokenised preference pairs and their collation into model batches.
+
+A batch holds each pair's image once and two rows per pair — all chosen rows, then all
+rejected rows — right-padded, with labels only on the answer and its end token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from mllm_pib.data.images import ImageError, open_image
+from mllm_pib.data.records import BadRecordBudget, PreferencePair
+from mllm_pib.objectives import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class TokenisedPair:
+    pair: PreferencePair
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+class PreferenceDataset(Dataset):
+    """Checks every pair once (image decodes, answers non-empty and different, fits
+    ``max_length``), tokenises it with the backbone's template, and skips bad ones within the
+    budget. Images are decoded again when a pair is fetched."""
+
+    def __init__(self, pairs, backbone, budget: BadRecordBudget, max_length: int):
+        self.backbone = backbone
+        self.items: list[TokenisedPair] = []
+        for pair in tqdm(list(pairs), desc="checking data", unit="pair", leave=False):
+            reason = self._problem(pair, max_length)
+            if reason:
+                budget.skip(pair.source, pair.index, reason)
+            else:
+                self.items.append(self._tokenise(pair, max_length))
+        self.budget = budget
+
+    def _problem(self, pair: PreferencePair, max_length: int) -> str | None:
+        if not pair.chosen.strip() or not pair.rejected.strip():
+            return "empty answer"
+        if pair.chosen.strip() == pair.rejected.strip():
+            return "chosen identical to rejected"
+        if not pair.prompt.strip():
+            return "empty prompt"
+        try:
+            open_image(pair.image)
+        except ImageError as err:
+            return f"bad image: {err}"
+        if len(self.backbone.prompt_ids(pair.prompt)) + 1 > max_length:
+            return f"over-long: the prompt alone exceeds max_length={max_length}"
+        return None
+
+    def _tokenise(self, pair: PreferencePair, max_length: int) -> TokenisedPair:
+        prompt = self.backbone.prompt_ids(pair.prompt)
+        room = max_length - len(prompt)  # answers are cut, never the prompt with its image tokens
+        return TokenisedPair(
+            pair,
+            prompt,
+            self.backbone.answer_ids(pair.chosen)[:room],
+            self.backbone.answer_ids(pair.rejected)[:room],
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        return {"item": item, "image": open_image(item.pair.image)}
+
+
+class PreferenceCollator:
+    """Builds ``{"vision_inputs", "input_ids", "attention_mask", "labels", "pair_ids"}``."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+
+    def __call__(self, examples: list[dict]) -> dict:
+        items = [example["item"] for example in examples]
+        vision_inputs = self.backbone.preprocess(
+            [example["image"] for example in examples], [item.pair.prompt for item in items]
+        )
+        rows = [(i.prompt_ids, i.chosen_ids) for i in items] + [(i.prompt_ids, i.rejected_ids) for i in items]
+        batch = pad_rows(rows, self.backbone.pad_token_id)
+        return {"vision_inputs": vision_inputs, **batch, "pair_ids": [i.pair.pair_id for i in items]}
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``prompt + answer`` rows; labels are the answer tokens only."""
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[row, :n] = torch.tensor(prompt + answer)
+        attention_mask[row, :n] = 1
+        labels[row, len(prompt) : n] = torch.tensor(answer)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

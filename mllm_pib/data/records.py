@@ -1,0 +1,138 @@
+"""Readers of preference data: HA-DPO's ``desc_data.json`` and ``pope_data.json``, and a generic
+JSON-lines format ``{"image", "prompt", "chosen", "rejected"}``.
+
+Every reader yields :class:`PreferencePair` records that remember their file and index, so a
+bad record can be reported precisely. Bad records are counted against a
+:class:`BadRecordBudget`: reported, skipped, and past the budget the run stops.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mllm_pib.data.images import ImageResolver
+from mllm_pib.errors import UserError
+from mllm_pib.io import read_json, read_jsonl
+
+# HA-DPO draws the description prompt from a small set of instructions.
+DESCRIPTION_PROMPTS = (
+    "Describe this image in detail.",
+    "Describe this image.",
+    "Provide a detailed description of the given image.",
+    "Give an elaborate explanation of the image you see.",
+    "Write a detailed description of the given image.",
+    "Can you describe the main features of this image for me?",
+)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One (image, prompt, chosen, rejected) example and where it came from."""
+
+    image: Path
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str
+    index: int
+    pair_id: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} record {self.index}"
+
+
+@dataclass
+class BadRecordBudget:
+    """Counts skipped records; more than ``limit`` stops the run with a clear error."""
+
+    limit: int
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def skip(self, source: str, index: int | str, reason: str) -> None:
+        self.skipped.append((source, index, reason))
+        print(f"warning: skipping {source} record {index}: {reason}")
+        if len(self.skipped) > self.limit:
+            raise UserError(
+                f"{len(self.skipped)} bad records, more than max_bad_records={self.limit}; the last: "
+                f"{source} record {index}: {reason}. Fix the data or raise max_bad_records."
+            )
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no records skipped"
+        reasons = Counter(reason.split(":")[0] for _, _, reason in self.skipped)
+        parts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        return f"{len(self.skipped)} records skipped ({parts})"
+
+
+def read_desc_data(path: str | Path, images: ImageResolver, budget: BadRecordBudget, seed: int = 0) -> Iterator[PreferencePair]:
+    """HA-DPO description pairs: the dict form ``{image_id: {"chosen", "rejected"}}`` (LLaVA) or
+    the list form ``[{"image_id", "chosen", "rejected"}]``; every chosen x rejected pair is used."""
+    data = read_json(path)
+    if isinstance(data, dict):
+        entries = [({"image_id": key, **value} if isinstance(value, dict) else value) for key, value in data.items()]
+    elif isinstance(data, list):
+        entries = data
+    else:
+        raise UserError(f"{path}: expected a JSON object or array of description records")
+    for index, entry in enumerate(entries):
+        fields = _fields(entry, ("image_id", "chosen", "rejected"), path, index, budget)
+        if fields is None:
+            continue
+        image_id, chosen, rejected = fields
+        if not (_strings(chosen) and _strings(rejected)):
+            budget.skip(str(path), index, "wrong type: chosen and rejected must be lists of strings")
+            continue
+        prompt = random.Random(f"{seed}:{image_id}").choice(DESCRIPTION_PROMPTS)
+        for i, good in enumerate(chosen):
+            for j, bad in enumerate(rejected):
+                yield PreferencePair(images(image_id), prompt, good, bad, str(path), index, f"desc:{image_id}:{i}:{j}")
+
+
+def read_pope_data(path: str | Path, images: ImageResolver, budget: BadRecordBudget, skip_correct: bool = True) -> Iterator[PreferencePair]:
+    """HA-DPO yes/no pairs ``{"image_id", "question", "chosen", "reject"|"rejected", "correct"}``;
+    records the model already answered correctly are skipped (as HA-DPO does for LLaVA)."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of POPE preference records")
+    for index, entry in enumerate(data):
+        if isinstance(entry, dict) and "rejected" not in entry and "reject" in entry:
+            entry = {**entry, "rejected": entry["reject"]}
+        fields = _fields(entry, ("image_id", "question", "chosen", "rejected"), path, index, budget)
+        if fields is None or (skip_correct and entry.get("correct") is True):
+            continue
+        image_id, question, chosen, rejected = fields
+        yield PreferencePair(images(image_id), question, chosen, rejected, str(path), index, f"pope:{image_id}:{index}")
+
+
+def read_generic(path: str | Path, images: ImageResolver, budget: BadRecordBudget) -> Iterator[PreferencePair]:
+    """JSON lines ``{"image", "prompt", "chosen", "rejected"}``; ``image`` relative to the image root."""
+    for index, entry in enumerate(read_jsonl(path)):
+        fields = _fields(entry, ("image", "prompt", "chosen", "rejected"), path, index, budget)
+        if fields is None:
+            continue
+        image, prompt, chosen, rejected = fields
+        yield PreferencePair(images(image), prompt, chosen, rejected, str(path), index, f"generic:{index}")
+
+
+READERS = {"desc": read_desc_data, "pope": read_pope_data, "generic": read_generic}
+
+
+def _fields(entry, names, path, index, budget) -> tuple | None:
+    if not isinstance(entry, dict):
+        budget.skip(str(path), index, f"wrong type: expected an object, got {type(entry).__name__}")
+        return None
+    missing = [name for name in names if entry.get(name) is None]
+    if missing:
+        budget.skip(str(path), index, f"missing field: {', '.join(missing)}")
+        return None
+    return tuple(entry[name] for name in names)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)

@@ -1,0 +1,1 @@
+"""Training: the preference step, the transformers-based trainer and the run driver."""

@@ -1,0 +1,89 @@
+"""One preference-optimisation step: policy and reference answer log-probs, then the loss.
+
+No second model: the reference is the same model with the block bypassed and the original
+``lm_head``. When nothing upstream of the block trains, the backbone's hidden states are
+computed once, without gradient, and shared by policy and reference; with LoRA on the LLM the
+reference reruns the backbone with the adapters disabled; when other upstream parts train
+(e.g. the projector) it reruns with their initial weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from mllm_pib.config import LossConfig
+from mllm_pib.freezing import FreezePolicy, adapters_disabled
+from mllm_pib.objectives import preference_loss
+
+
+class PreferenceStep:
+    def __init__(self, model, policy: FreezePolicy, loss: LossConfig):
+        self.model = model
+        self.policy = policy
+        self.loss = loss
+        # initial weights of trained upstream parts (other than LoRA): the reference keeps them
+        self.reference_weights = {
+            name: param.detach().clone()
+            for name, param in model.backbone.named_parameters()
+            if param.requires_grad and "lora_" not in name and not _is_head(model, param)
+        }
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = self.model
+        n_pairs = len(batch["pair_ids"])
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        upstream_trains = self.policy.trains_before_pib
+
+        with torch.set_grad_enabled(upstream_trains and torch.is_grad_enabled()):
+            vision = model.backbone.encode_vision(**batch["vision_inputs"])
+            vision = vision.map(lambda t: torch.cat([t, t]))  # one image, chosen and rejected rows
+            hidden = model.backbone_hidden(ids, mask, vision)
+        policy_scores = model.score_answers(hidden, vision, labels, mask, policy=True)
+
+        with torch.no_grad():
+            if upstream_trains:
+                with self._reference_backbone():
+                    vision = model.backbone.encode_vision(**batch["vision_inputs"]).map(lambda t: torch.cat([t, t]))
+                    hidden = model.backbone_hidden(ids, mask, vision)
+            ref_scores = model.score_answers(hidden, vision, labels, mask, policy=False)
+
+        pick = (lambda s: s.mean_logps) if self.loss.averaged else (lambda s: s.logps)
+        policy_logps, ref_logps = pick(policy_scores), pick(ref_scores)
+        chosen_nll = -policy_scores.mean_logps[:n_pairs]
+        loss, metrics = preference_loss(
+            policy_logps[:n_pairs], policy_logps[n_pairs:], ref_logps[:n_pairs], ref_logps[n_pairs:],
+            beta=self.loss.beta, loss_type=self.loss.type, label_smoothing=self.loss.label_smoothing,
+            sft_weight=self.loss.sft_weight, policy_chosen_nll=chosen_nll,
+        )
+        metrics["nll/chosen"] = chosen_nll.detach().mean()
+        return loss, metrics
+
+    @contextlib.contextmanager
+    def _reference_backbone(self):
+        backbone = self.model.backbone
+        stack = contextlib.ExitStack()
+        if self.policy.uses_lora:
+            stack.enter_context(adapters_disabled(backbone.parts()["llm"]))
+        with stack:
+            if not self.reference_weights:
+                yield
+                return
+            weights = self.reference_weights
+            # swap the trained tensors for their initial values for the duration of the call
+            saved = {name: param.data for name, param in backbone.named_parameters() if name in weights}
+            for name, param in backbone.named_parameters():
+                if name in weights:
+                    param.data = weights[name]
+            try:
+                yield
+            finally:
+                for name, param in backbone.named_parameters():
+                    if name in saved:
+                        param.data = saved[name]
+
+
+def _is_head(model, param) -> bool:
+    return any(param is p for p in model.backbone.lm_head.parameters())
+

@@ -1,0 +1,69 @@
+"""``mllm-pib train``: from a config to a trained PIB checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from mllm_pib.config import TrainConfig
+from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset
+from mllm_pib.data.images import ImageResolver
+from mllm_pib.data.records import READERS, BadRecordBudget
+from mllm_pib.io import atomic_write_json
+from mllm_pib.model import PIBModel
+from mllm_pib.plugins import get_backbone
+
+
+def bootstrap(config: TrainConfig) -> None:
+    """Create the tiny model and synthetic data a self-contained config asks for, if absent."""
+    boot = config.bootstrap
+    if boot.tiny_model and not (Path(config.model) / "config.json").is_file():
+        print(f"bootstrap: writing a tiny random {config.backbone} model to {config.model}")
+        get_backbone(config.backbone).write_tiny(config.model, seed=boot.seed)
+    if boot.synthetic_scenes and boot.data_dir and not all(Path(s.path).exists() for s in config.data):
+        from mllm_pib.demo.world import World, export_dataset
+
+        print(f"bootstrap: exporting {boot.synthetic_scenes} synthetic scenes to {boot.data_dir}")
+        export_dataset(World(boot.seed).sample(boot.synthetic_scenes), boot.data_dir, seed=boot.seed)
+
+
+def build_model(config: TrainConfig, backbone) -> PIBModel:
+    return PIBModel(backbone, pib_config=config.pib.model_dump())
+
+
+def build_dataset(config: TrainConfig, backbone, budget: BadRecordBudget) -> PreferenceDataset:
+    sources = []
+    for source in config.data:
+        images = ImageResolver(source.images or Path(source.path).parent)
+        sources.append(READERS[source.format](source.path, images, budget))
+    return PreferenceDataset(itertools.chain(*sources), backbone, budget, config.max_length)
+
+
+def train(config: TrainConfig, output_dir: str | None = None, resume: bool = False) -> Path:
+    from mllm_pib.training.preference import PreferenceStep
+    from mllm_pib.training.trainer import PIBTrainer
+
+    bootstrap(config)
+    if output_dir:
+        config.training["output_dir"] = output_dir
+    args = config.training_arguments()
+    backbone = get_backbone(config.backbone).load(config.model, **config.backbone_options)
+    model = build_model(config, backbone)
+    policy = config.freeze_policy()
+    print("\n".join(str(row) for row in policy.apply(model)))
+    budget = BadRecordBudget(config.max_bad_records)
+    dataset = build_dataset(config, backbone, budget)
+    print(f"data: {len(dataset)} preference pairs; {budget.summary()}")
+    trainer = PIBTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=PreferenceCollator(backbone),
+        step=PreferenceStep(model, policy, config.loss), policy=policy,
+    )
+    trainer.train(resume_from_checkpoint=resume or None)
+    out = Path(args.output_dir)
+    trainer.save_model(str(out))
+    atomic_write_json(out / "log_history.json", trainer.state.log_history)
+    atomic_write_json(out / "train_config.json", json.loads(config.model_dump_json()))
+    print(f"data: {budget.summary()}")
+    print(f"saved the PIB checkpoint to {out}")
+    return out

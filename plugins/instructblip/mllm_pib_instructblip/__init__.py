@@ -1,0 +1,1 @@
+"""InstructBLIP (Vicuna) as an mllm-pib backbone, on ``transformers.InstructBlipForConditionalGeneration``."""

@@ -1,0 +1,312 @@
+"""InstructBLIP backbone: the contract pieces against the plain transformers model, the LAVIS
+layout against the transformers one, the processor, and loading errors."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+from mllm_pib.errors import UserError
+from mllm_pib_instructblip.backbone import InstructBlipBackbone, load
+from mllm_pib_instructblip.tiny import write_tiny
+
+QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
+ANSWERS = ["Yes, there is.", "A red circle."]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("instructblip") / "tiny"
+    write_tiny(str(path), seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def backbone(tiny_dir):
+    return load(str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_dir):
+    return InstructBlipForConditionalGeneration.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_dir):
+    return InstructBlipProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, size=(40, 52, 3), dtype=np.uint8)) for _ in QUESTIONS]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def contract_logits(backbone, ids, mask, vision_inputs):
+    with torch.no_grad():
+        vision = backbone.encode_vision(**vision_inputs)
+        out = backbone.lm_forward(backbone.embed(ids), vision, mask, image_mask=ids == backbone.image_token_id)
+        return backbone.lm_head(out.hidden)
+
+
+def plain_logits(model, vision_inputs, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model(**vision_inputs, input_ids=ids, attention_mask=mask, **kwargs).logits
+
+
+# --- LAVIS layout, written by inverting the mapping independently of the loader -------------------
+
+LAVIS_VISION_TOP = {
+    "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+    "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+    "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
+    "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
+    "vision_model.post_layernorm.weight": "ln_vision.weight",
+    "vision_model.post_layernorm.bias": "ln_vision.bias",
+    "query_tokens": "query_tokens",
+}
+LAVIS_BLOCK_MODULES = {
+    "layer_norm1": "norm1", "layer_norm2": "norm2", "self_attn.qkv": "attn.qkv",
+    "self_attn.projection": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+}
+
+
+def to_lavis(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers InstructBLIP state dict in ``blip2_vicuna_instruct`` naming."""
+    out = {}
+    for key, value in hf_state.items():
+        block = re.match(r"vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if key in LAVIS_VISION_TOP:
+            out[LAVIS_VISION_TOP[key]] = value
+        elif block and block.group(2) == "self_attn.qkv" and block.group(3) == "bias":
+            width = value.shape[0] // 3
+            assert torch.all(value[width : 2 * width] == 0), "EVA-ViT has no key bias"
+            out[f"visual_encoder.blocks.{block.group(1)}.attn.q_bias"] = value[:width]
+            out[f"visual_encoder.blocks.{block.group(1)}.attn.v_bias"] = value[2 * width :]
+        elif block:
+            out[f"visual_encoder.blocks.{block.group(1)}.{LAVIS_BLOCK_MODULES[block.group(2)]}.{block.group(3)}"] = value
+        elif key.startswith("qformer."):
+            name = key.removeprefix("qformer.").replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+            name = re.sub(r"\b(attention|crossattention)\.attention\.", r"\1.self.", name)
+            out[f"Qformer.bert.{name}"] = value
+        elif key.startswith("language_projection."):
+            out["llm_proj." + key.removeprefix("language_projection.")] = value
+        elif key.startswith("language_model."):
+            out["llm_model." + key.removeprefix("language_model.")] = value
+        else:
+            raise KeyError(key)
+    # BERT checkpoints of that time saved the position-id buffer too
+    positions = hf_state["qformer.embeddings.position_embeddings.weight"].shape[0]
+    out["Qformer.bert.embeddings.position_ids"] = torch.arange(positions)[None]
+    return out
+
+
+def test_contract_matches_plain_model(backbone, plain, processor, images):
+    inputs = processor(images=images[:1], text=QUESTIONS[:1], return_tensors="pt")
+    vision_inputs = {k: inputs[k] for k in ("pixel_values", "qformer_input_ids", "qformer_attention_mask")}
+    ours = contract_logits(backbone, inputs.input_ids, inputs.attention_mask, vision_inputs)
+    theirs = plain_logits(plain, vision_inputs, inputs.input_ids, inputs.attention_mask)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_contract_batched_left_padding(backbone, plain, images):
+    rows = [backbone.prompt_ids(q) + backbone.answer_ids(a) for q, a in zip(QUESTIONS, ANSWERS)]
+    assert len(rows[0]) != len(rows[1])
+    ids, mask = left_pad(rows, backbone.pad_token_id)
+    vision_inputs = backbone.preprocess(images, QUESTIONS)
+    ours = contract_logits(backbone, ids, mask, vision_inputs)
+    # the plain forward counts positions from the first column; give it the real ones
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    theirs = plain_logits(plain, vision_inputs, ids, mask, position_ids=positions)
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=0)
+    # each row alone, unpadded (its own image and Q-Former text), gives the same logits
+    for i, row in enumerate(rows):
+        single = backbone.preprocess(images[i : i + 1], QUESTIONS[i : i + 1])
+        alone = plain_logits(plain, single, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+        torch.testing.assert_close(ours[i, -len(row) :], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("feature", ["vit", "qformer"])
+def test_vision_features(tiny_dir, plain, images, feature):
+    bb = load(str(tiny_dir), feature=feature)
+    inputs = bb.preprocess(images, QUESTIONS)
+    with torch.no_grad():
+        feats = bb.encode_vision(**inputs)
+        image_embeds = plain.vision_model(inputs["pixel_values"]).last_hidden_state
+        queries = plain.query_tokens.expand(len(images), -1, -1)
+        qmask = torch.cat([torch.ones(queries.shape[:2], dtype=torch.long), inputs["qformer_attention_mask"]], 1)
+        query_out = plain.qformer(
+            input_ids=inputs["qformer_input_ids"], attention_mask=qmask, query_embeds=queries,
+            encoder_hidden_states=image_embeds,
+        ).last_hidden_state[:, : queries.shape[1]]
+        projected = plain.language_projection(query_out)
+    config = plain.config
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    expected_pib = image_embeds if feature == "vit" else query_out
+    width = config.vision_config.hidden_size if feature == "vit" else config.qformer_config.hidden_size
+    assert feats.pib.shape == (2, patches + 1 if feature == "vit" else config.num_query_tokens, width)
+    assert feats.llm.shape == (2, config.num_query_tokens, config.text_config.hidden_size)
+    assert bb.pib_vision_size == width and bb.hidden_size == config.text_config.hidden_size
+    assert feats.pib_mask is None
+    torch.testing.assert_close(feats.pib, expected_pib, atol=ATOL, rtol=0)
+    torch.testing.assert_close(feats.llm, projected, atol=ATOL, rtol=0)
+
+
+def test_processor_round_trip(backbone, processor, images):
+    for image, question in zip(images, QUESTIONS):
+        inputs = processor(images=[image], text=[question], return_tensors="pt")
+        prompt = backbone.prompt_ids(question)
+        assert prompt == inputs.input_ids[0].tolist()
+        assert prompt.count(backbone.image_token_id) == processor.num_query_tokens == backbone.num_image_tokens
+        ours = backbone.preprocess([image], [question])
+        for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):
+            torch.testing.assert_close(ours[key], inputs[key], atol=0, rtol=0)
+    answer = backbone.answer_ids("Yes")
+    assert answer[-1] == backbone.tokenizer.eos_token_id
+    assert backbone.tokenizer.decode(answer) == " Yes" + backbone.tokenizer.eos_token
+
+
+def test_wrong_image_token_count_is_detected(backbone, images):
+    prompt = backbone.prompt_ids(QUESTIONS[0])[1:]  # one query token short
+    ids = torch.tensor([prompt])
+    vision = backbone.encode_vision(**backbone.preprocess(images[:1], QUESTIONS[:1]))
+    with pytest.raises(ValueError, match="placeholder"):
+        backbone.lm_forward(backbone.embed(ids), vision, torch.ones_like(ids), image_mask=ids == backbone.image_token_id)
+
+
+def test_parts_cover_every_weight_once(backbone):
+    owners = {}
+    for part, module in backbone.parts().items():
+        for param in module.parameters():
+            assert id(param) not in owners, f"{part} shares a weight with {owners.get(id(param))}"
+            owners[id(param)] = part
+    assert set(owners) == {id(p) for p in backbone.parameters()}
+    assert id(backbone.model.query_tokens) in owners and owners[id(backbone.model.query_tokens)] == "qformer"
+
+
+def test_save_pretrained_round_trip(backbone, tmp_path):
+    backbone.save_pretrained(str(tmp_path / "copy"))
+    again = load(str(tmp_path / "copy"), feature="qformer")
+    assert again.fingerprint() == backbone.fingerprint()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _batch(backbone, images):
+    rows = [backbone.prompt_ids(q) + backbone.answer_ids(a) for q, a in zip(QUESTIONS, ANSWERS)]
+    ids, mask = left_pad(rows, backbone.pad_token_id)
+    return ids, mask, backbone.preprocess(images, QUESTIONS)
+
+
+def test_lavis_full_checkpoint_matches_native(backbone, tiny_dir, images, tmp_path):
+    path = tmp_path / "instruct_blip_tiny.pth"
+    torch.save({"model": to_lavis(backbone.model.state_dict()), "epoch": 1}, path)
+    lavis = load(str(path), config_path=str(tiny_dir))
+    native_state = backbone.model.state_dict()
+    lavis_state = lavis.model.state_dict()
+    assert lavis_state.keys() == native_state.keys()
+    for key, value in native_state.items():
+        assert torch.equal(lavis_state[key], value), key
+    ids, mask, vision_inputs = _batch(backbone, images)
+    torch.testing.assert_close(
+        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(backbone, ids, mask, vision_inputs),
+        atol=0, rtol=0,
+    )
+
+
+def test_lavis_trimmed_checkpoint_with_vit_and_llm_files(backbone, tiny_dir, images, tmp_path):
+    lavis_state = to_lavis(backbone.model.state_dict())
+    trimmed = {k: v for k, v in lavis_state.items() if not k.startswith(("visual_encoder.", "llm_model."))}
+    torch.save(trimmed, tmp_path / "trimmed.pth")
+    # eva_vit_g.pth: unprefixed keys, one block more than InstructBLIP uses, plus a head
+    vit = {k.removeprefix("visual_encoder."): v for k, v in lavis_state.items() if k.startswith("visual_encoder.")}
+    layers = backbone.model.config.vision_config.num_hidden_layers
+    extra = {k.replace("blocks.0.", f"blocks.{layers}."): v + 1 for k, v in vit.items() if k.startswith("blocks.0.")}
+    torch.save({**vit, **extra, "head.weight": torch.ones(3, 3)}, tmp_path / "eva_vit_g.pth")
+    backbone.model.language_model.save_pretrained(tmp_path / "vicuna")
+    lavis = load(
+        str(tmp_path / "trimmed.pth"), config_path=str(tiny_dir),
+        vit_path=str(tmp_path / "eva_vit_g.pth"), llm_path=str(tmp_path / "vicuna"),
+    )
+    ids, mask, vision_inputs = _batch(backbone, images)
+    torch.testing.assert_close(
+        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(backbone, ids, mask, vision_inputs),
+        atol=0, rtol=0,
+    )
+
+
+def test_llm_with_smaller_vocabulary_gets_mean_rows(backbone, tiny_dir, images, tmp_path):
+    lavis_state = to_lavis(backbone.model.state_dict())
+    torch.save({k: v for k, v in lavis_state.items() if not k.startswith("llm_model.")}, tmp_path / "ckpt.pth")
+    llm = {k: v.clone() for k, v in backbone.model.language_model.state_dict().items()}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        llm[key] = llm[key][:-1].contiguous()  # the LLM file lacks the last token
+    (tmp_path / "vicuna").mkdir()
+    save_file(llm, tmp_path / "vicuna" / "model.safetensors")
+    lavis = load(str(tmp_path / "ckpt.pth"), config_path=str(tiny_dir), llm_path=str(tmp_path / "vicuna"))
+    for module in (lavis.model.language_model.model.embed_tokens, lavis.model.language_model.lm_head):
+        torch.testing.assert_close(module.weight[-1], module.weight[:-1].mean(0))
+    ids, mask, vision_inputs = _batch(backbone, images)
+    assert not (ids == len(backbone.tokenizer) - 1).any()
+    torch.testing.assert_close(
+        contract_logits(lavis, ids, mask, vision_inputs)[..., :-1],
+        contract_logits(backbone, ids, mask, vision_inputs)[..., :-1], atol=0, rtol=0,
+    )
+
+
+def test_lavis_errors(backbone, tiny_dir, tmp_path):
+    lavis_state = to_lavis(backbone.model.state_dict())
+    full = tmp_path / "full.pth"
+    torch.save(lavis_state, full)
+    with pytest.raises(UserError, match="config_path"):
+        load(str(full))
+    no_vit = tmp_path / "no_vit.pth"
+    torch.save({k: v for k, v in lavis_state.items() if not k.startswith("visual_encoder.")}, no_vit)
+    with pytest.raises(UserError, match=r"no_vit\.pth.*vit_path"):
+        load(str(no_vit), config_path=str(tiny_dir))
+    opt = tmp_path / "opt.pth"
+    torch.save({**lavis_state, "opt_proj.weight": torch.zeros(2, 2)}, opt)
+    with pytest.raises(UserError, match=r"opt\.pth.*OPT"):
+        load(str(opt), config_path=str(tiny_dir))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": lavis_state, "args": argparse.Namespace(lr=1e-5)}, pickled)
+    with pytest.raises(UserError, match=r"pickled\.pth.*weights_only"):
+        load(str(pickled), config_path=str(tiny_dir))
+
+
+def test_load_errors(tiny_dir, tmp_path):
+    with pytest.raises(UserError, match=re.escape(str(tmp_path / "absent"))):
+        load(str(tmp_path / "absent"))
+    with pytest.raises(UserError, match=r"'clip'.*vit, qformer"):
+        load(str(tiny_dir), feature="clip")
+    with pytest.raises(UserError, match="config.json"):
+        load(str(tmp_path))
+    with pytest.raises(UserError, match="only apply to LAVIS"):
+        load(str(tiny_dir), llm_path=str(tmp_path))
+
+
+def test_registry_loads_the_backbone(tiny_dir):
+    if importlib.util.find_spec("mllm_pib.plugins") is None:
+        pytest.skip("mllm_pib.plugins is not part of this checkout")
+    from mllm_pib.plugins import get_backbone
+
+    registered = get_backbone("instructblip")
+    assert registered.distribution == "mllm-pib-instructblip"
+    bb = registered.spec.load(str(tiny_dir), feature="qformer")
+    assert isinstance(bb, InstructBlipBackbone) and bb.feature == "qformer"

@@ -1,0 +1,360 @@
+"""MiniGPT-4 backbone: the contract pieces against the plain model, features, persistence, assembly."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+import torch
+from mllm_pib.errors import UserError
+from mllm_pib.tokenizer import train_tokenizer
+from PIL import Image
+from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+
+from mllm_pib_minigpt4.backbone import load
+from mllm_pib_minigpt4.configuration import MiniGPT4Config
+from mllm_pib_minigpt4.modeling import MiniGPT4ForConditionalGeneration
+from mllm_pib_minigpt4.tiny import (
+    jitter_,
+    tiny_qformer_config,
+    tiny_text_config,
+    tiny_vision_config,
+    write_tiny,
+)
+
+VARIANTS = ("v1", "llama2")
+QUESTIONS = ("Is there a cat in the image?", "Describe this image in detail.")
+ANSWERS = ("Yes, there is.", "The image shows a red circle and a blue square next to a tree.")
+ATOL = 1e-5
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray(rng.randint(0, 256, (40, 52, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+def contract_logits(backbone, inputs, ids, mask) -> torch.Tensor:
+    vision = backbone.encode_vision(**inputs)
+    out = backbone.lm_forward(backbone.embed(ids), vision, mask, image_mask=ids == backbone.image_token_id)
+    return backbone.lm_head(out.hidden)
+
+
+def batch(backbone, n: int = 2):
+    """Two prompts + answers of different lengths, left padded, with their images."""
+    rows = [backbone.prompt_ids(q) + backbone.answer_ids(a) for q, a in zip(QUESTIONS[:n], ANSWERS[:n])]
+    ids, mask = left_padded(rows, backbone.pad_token_id)
+    return backbone.preprocess(images(n), list(QUESTIONS[:n])), ids, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minigpt4")
+    for variant in VARIANTS:
+        write_tiny(root / variant, seed=0, variant=variant)
+    return {variant: root / variant for variant in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_dirs):
+    return {variant: load(path) for variant, path in tiny_dirs.items()}
+
+
+# --- the key property: contract pieces == the plain model ------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pieces_equal_plain_model_left_padded(backbones, variant):
+    backbone = backbones[variant]
+    inputs, ids, mask = batch(backbone)
+    assert (mask == 0).any(), "the two rows must differ in length"
+    with torch.no_grad():
+        ours = contract_logits(backbone, inputs, ids, mask)
+        plain = backbone.model(**inputs, input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(ours[real], plain[real], atol=ATOL, rtol=0)
+        # Left padding changes nothing: each row equals the same prompt run alone.
+        for row in range(ids.shape[0]):
+            alone = ids[row][real[row]].unsqueeze(0)
+            single = backbone.model(
+                pixel_values=inputs["pixel_values"][row : row + 1], input_ids=alone,
+                attention_mask=torch.ones_like(alone),
+            ).logits
+            torch.testing.assert_close(ours[row][real[row]], single[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_placeholders_equal_minigpt4_segment_concatenation(backbones, variant):
+    """MiniGPT-4 concatenates [embed(before), visual tokens, embed(after)]; the expanded
+    placeholders must give the decoder the same input."""
+    backbone = backbones[variant]
+    ids = backbone.prompt_ids(QUESTIONS[0])
+    first = ids.index(backbone.image_token_id)
+    last = first + backbone.num_image_tokens
+    assert ids[first:last] == [backbone.image_token_id] * backbone.num_image_tokens
+    assert backbone.image_token_id not in ids[:first] + ids[last:]
+    pixels = backbone.preprocess(images(1), [QUESTIONS[0]])["pixel_values"]
+    with torch.no_grad():
+        visual = backbone.model.get_image_features(pixels).projected
+        embed = backbone.model.get_input_embeddings()
+        pieces = [embed(torch.tensor([ids[:first]])), visual, embed(torch.tensor([ids[last:]]))]
+        expected = backbone.model.language_model(inputs_embeds=torch.cat(pieces, dim=1)).logits
+        tensor = torch.tensor([ids])
+        ours = contract_logits(backbone, {"pixel_values": pixels}, tensor, torch.ones_like(tensor))
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+# --- vision features ----------------------------------------------------------------------------
+
+# (variant, feature) -> per-image shape on the tiny models: v1 32 px / patch 8 -> 1 + 16 ViT
+# tokens, 8 queries; llama2 48 px / patch 8 -> 1 + 36 tokens -> 9 merged tokens; widths 32 / 64.
+FEATURE_SHAPES = {
+    ("v1", "vit"): (17, 32),
+    ("v1", "qformer"): (8, 32),
+    ("v1", "projected"): (8, 64),
+    ("llama2", "vit"): (37, 32),
+    ("llama2", "projected"): (9, 64),
+}
+
+
+@pytest.mark.parametrize(("variant", "feature"), list(FEATURE_SHAPES))
+def test_feature_shapes(tiny_dirs, variant, feature):
+    backbone = load(tiny_dirs[variant], feature=feature)
+    inputs = backbone.preprocess(images(3), list(QUESTIONS[:1]) * 3)
+    with torch.no_grad():
+        vision = backbone.encode_vision(**inputs)
+        plain = backbone.model.get_image_features(inputs["pixel_values"])
+    tokens = {"v1": 8, "llama2": 9}[variant]
+    assert vision.pib.shape == (3, *FEATURE_SHAPES[variant, feature])
+    assert backbone.pib_vision_size == vision.pib.shape[-1]
+    assert vision.llm.shape == (3, tokens, backbone.hidden_size) and backbone.num_image_tokens == tokens
+    torch.testing.assert_close(vision.llm, plain.projected)
+    torch.testing.assert_close(vision.pib, getattr(plain, feature))
+
+
+def test_llama2_merges_four_consecutive_patches(backbones):
+    backbone = backbones["llama2"]
+    pixels = backbone.preprocess(images(2), list(QUESTIONS))["pixel_values"]
+    with torch.no_grad():
+        features = backbone.model.get_image_features(pixels)
+        patches = features.vit[:, 1:]
+        proj = backbone.model.llama_proj
+        for token in range(features.projected.shape[1]):
+            merged = torch.cat([patches[:, 4 * token + k] for k in range(4)], dim=-1)
+            torch.testing.assert_close(features.projected[:, token], proj(merged))
+    assert features.qformer is None
+
+
+def test_v1_projects_the_qformer_output(backbones):
+    backbone = backbones["v1"]
+    pixels = backbone.preprocess(images(2), list(QUESTIONS))["pixel_values"]
+    with torch.no_grad():
+        features = backbone.model.get_image_features(pixels)
+        torch.testing.assert_close(features.projected, backbone.model.llama_proj(features.qformer))
+        # the visual tokens depend on the image
+        assert (features.projected[0] - features.projected[1]).abs().max() > 1e-3
+
+
+# --- template -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "text"),
+    [("v1", "###Human: <Img>{}</Img> {} ###Assistant: "), ("llama2", "[INST] <Img>{}</Img> {} [/INST] ")],
+)
+def test_prompt_and_answer_tokens(backbones, variant, text):
+    backbone = backbones[variant]
+    tok = backbone.tokenizer
+    question = "Is there a <ImageHere> cat?"  # placeholder text typed by a user stays text
+    ids = backbone.prompt_ids(question)
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(backbone.image_token_id) == backbone.num_image_tokens
+    placeholders = "<ImageHere>" * backbone.num_image_tokens
+    assert tok.decode(ids[1:]) == text.format(placeholders, question)
+    answer = backbone.answer_ids(ANSWERS[0])
+    assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == ANSWERS[0]
+    assert tok.eos_token_id not in answer[:-1]
+
+
+def test_stop_tokens(backbones):
+    v1, llama2 = backbones["v1"], backbones["llama2"]
+    tok = v1.tokenizer
+    spaced = tok(" ###", add_special_tokens=False)["input_ids"]
+    assert len(spaced) == 1, "the tiny tokenizer has ' ###' as one token"
+    assert v1.stop_token_ids == [tok.eos_token_id, spaced[0]]
+    assert llama2.stop_token_ids == [llama2.tokenizer.eos_token_id]
+
+
+def test_parts(backbones):
+    v1, llama2 = backbones["v1"], backbones["llama2"]
+    assert set(v1.parts()) == {"vision", "qformer", "projector", "llm", "lm_head"}
+    assert set(llama2.parts()) == {"vision", "projector", "llm", "lm_head"}
+    qformer = dict(v1.parts()["qformer"].named_parameters())
+    assert qformer["query_tokens"] is v1.model.query_tokens
+    assert v1.parts()["lm_head"] is v1.model.language_model.lm_head
+    assert not v1.training and not v1.model.training
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip(backbones, tmp_path, variant):
+    backbone = backbones[variant]
+    target = tmp_path / "saved"
+    target.mkdir()
+    (target / "stale.txt").write_text("replaced by the save")
+    backbone.save_pretrained(str(target))
+    again = load(target, feature="projected")
+    assert not (target / "stale.txt").exists()
+    assert again.model.config.variant == variant and again.feature == "projected"
+    ours, theirs = backbone.model.state_dict(), again.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(theirs[name], ours[name], atol=0, rtol=0)
+    assert again.prompt_ids(QUESTIONS[0]) == backbone.prompt_ids(QUESTIONS[0])
+    assert again.fingerprint() == backbone.fingerprint()
+    inputs, ids, mask = batch(backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            contract_logits(again, inputs, ids, mask), contract_logits(backbone, inputs, ids, mask)
+        )
+
+
+def test_plugin_entry_point(tmp_path):
+    (entry,) = [e for e in importlib.metadata.entry_points(group="mllm_pib") if e.name == "minigpt4"]
+    (spec,) = entry.load().mllm_pib_register_backbones()
+    assert spec.name == "minigpt4" and {"feature", "blip2_path", "proj_path", "llm_path"} <= set(spec.options)
+    spec.write_tiny(tmp_path / "tiny", seed=3, variant="llama2")
+    backbone = spec.load(str(tmp_path / "tiny"), feature="projected")
+    assert backbone.name == "minigpt4" and backbone.variant == "llama2"
+    assert backbone.pib_vision_size == backbone.hidden_size == 64
+
+
+# --- assembly from the published pieces ----------------------------------------------------------
+
+
+def write_pieces(root, variant: str, *, ln_vision: bool = False, shard: bool = False):
+    """Tiny BLIP-2 / MiniGPT-4 .pth / Llama checkpoints in the published layouts."""
+    torch.manual_seed(1)
+    blip2 = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=tiny_vision_config(variant),
+        qformer_config=tiny_qformer_config(),
+        text_config=dict(model_type="opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16),
+        num_query_tokens=8,
+    ))
+    jitter_(blip2, seed=1).save_pretrained(root / "blip2", max_shard_size="40KB" if shard else "50GB")
+    tokenizer = train_tokenizer()  # like Vicuna's: no <ImageHere>
+    llama = jitter_(LlamaForCausalLM(LlamaConfig(**tiny_text_config(tokenizer))), seed=2)
+    llama.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    width = 32 if variant == "v1" else 4 * 32
+    proj = {"llama_proj.weight": torch.randn(64, width) * 0.1, "llama_proj.bias": torch.randn(64) * 0.1}
+    if ln_vision:
+        proj.update({"ln_vision.weight": torch.rand(32) + 0.5, "ln_vision.bias": torch.randn(32)})
+    torch.save({"model": proj, "optimizer": None, "epoch": 3}, root / "minigpt4.pth")
+    return blip2, llama, tokenizer, proj
+
+
+def direct_model(variant, blip2, llama, proj, image_token_id, vocab) -> MiniGPT4ForConditionalGeneration:
+    """A MiniGPT-4 built directly with the pieces' weights (one embedding row more for
+    <ImageHere>, whose value never reaches the decoder)."""
+    config = MiniGPT4Config(
+        variant=variant,
+        vision_config=tiny_vision_config(variant),
+        qformer_config=tiny_qformer_config() if variant == "v1" else None,
+        text_config={**llama.config.to_dict(), "vocab_size": vocab + 1},
+        num_query_tokens=8,
+        image_token_id=image_token_id,
+    )
+    model = MiniGPT4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.vision_model.load_state_dict(blip2.vision_model.state_dict())
+        if variant == "v1":
+            model.qformer.load_state_dict(blip2.qformer.state_dict())
+            model.query_tokens.copy_(blip2.query_tokens)
+        else:  # MiniGPT-4 (Llama-2) never loads BLIP-2's ln_vision: LayerNorm's initial affine
+            model.vision_model.post_layernorm.reset_parameters()
+        if "ln_vision.weight" in proj:
+            model.vision_model.post_layernorm.weight.copy_(proj["ln_vision.weight"])
+            model.vision_model.post_layernorm.bias.copy_(proj["ln_vision.bias"])
+        model.llama_proj.weight.copy_(proj["llama_proj.weight"])
+        model.llama_proj.bias.copy_(proj["llama_proj.bias"])
+        for name, tensor in llama.state_dict().items():
+            model.language_model.state_dict()[name][: tensor.shape[0]].copy_(tensor)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("variant", "ln_vision", "shard"), [("v1", False, True), ("llama2", False, False), ("llama2", True, False)]
+)
+def test_assembled_model_equals_direct_model(tmp_path, variant, ln_vision, shard):
+    blip2, llama, tokenizer, proj = write_pieces(tmp_path, variant, ln_vision=ln_vision, shard=shard)
+    if shard:
+        assert (tmp_path / "blip2" / "model.safetensors.index.json").is_file()
+    backbone = load(None, blip2_path=tmp_path / "blip2", proj_path=tmp_path / "minigpt4.pth",
+                    llm_path=tmp_path / "llm", feature="projected")
+    assert backbone.variant == variant  # inferred from llama_proj's width
+    vocab = len(tokenizer)
+    assert backbone.image_token_id == vocab and len(backbone.tokenizer) == vocab + 1
+    direct = direct_model(variant, blip2, llama, proj, backbone.image_token_id, vocab)
+    inputs, ids, mask = batch(backbone)
+    real = mask.bool()
+    with torch.no_grad():
+        ours = contract_logits(backbone, inputs, ids, mask)
+        expected = direct(**inputs, input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[real][:, :vocab], expected[real][:, :vocab], atol=ATOL, rtol=0)
+    assert (ours[real] - ours[real].mean()).abs().max() > 1e-3, "logits must not be constant"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_qformer_feature_refused_for_llama2(tiny_dirs):
+    with pytest.raises(UserError, match="llama2 variant does not have"):
+        load(tiny_dirs["llama2"], feature="qformer")
+    with pytest.raises(UserError, match="llama2 variant does not have"):
+        load(None, variant="llama2", feature="qformer", blip2_path="b", proj_path="p", llm_path="l")
+    with pytest.raises(UserError, match="unknown minigpt4 feature 'clip'"):
+        load(tiny_dirs["v1"], feature="clip")
+
+
+def test_missing_pieces(tmp_path, tiny_dirs):
+    with pytest.raises(UserError, match="missing: blip2_path, proj_path, llm_path"):
+        load(None)
+    with pytest.raises(UserError, match="missing: llm_path"):
+        load(None, blip2_path=tmp_path, proj_path=tmp_path / "x.pth")
+    with pytest.raises(UserError, match="not both"):
+        load(tiny_dirs["v1"], llm_path=tmp_path)
+    with pytest.raises(UserError, match="nowhere has no config.json"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="unknown dtype"):
+        load(tiny_dirs["v1"], dtype="float77")
+
+
+def test_bad_pieces(tmp_path):
+    write_pieces(tmp_path, "v1")
+    pieces = {"blip2_path": tmp_path / "blip2", "proj_path": tmp_path / "minigpt4.pth",
+              "llm_path": tmp_path / "llm"}
+    with pytest.raises(UserError, match="llama2 variant needs 128"):
+        load(None, variant="llama2", **pieces)
+    with pytest.raises(UserError, match="does not exist"):
+        load(None, **{**pieces, "proj_path": tmp_path / "absent.pth"})
+    torch.save({"model": {"other.weight": torch.zeros(2)}}, tmp_path / "empty.pth")
+    with pytest.raises(UserError, match=r"empty\.pth holds no llama_proj\.weight, llama_proj\.bias"):
+        load(None, **{**pieces, "proj_path": tmp_path / "empty.pth"})
+    with pytest.raises(UserError, match="'llama' model, not BLIP-2"):
+        load(None, **{**pieces, "blip2_path": tmp_path / "llm"})
+    with pytest.raises(UserError, match="'blip-2' model, not MiniGPT-4"):
+        load(tmp_path / "blip2")
+    (tmp_path / "blip2" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="holds no model.safetensors"):
+        load(None, **pieces)
