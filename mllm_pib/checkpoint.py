@@ -51,31 +51,28 @@ def trained_state(model, policy: FreezePolicy) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | os.PathLike, model, policy: FreezePolicy, extra: dict | None = None) -> None:
-    """Write a checkpoint directory atomically (a crash leaves the previous one intact)."""
+    """Write a checkpoint into ``path`` (other files there are kept, e.g. a run's checkpoints).
+
+    Each file is replaced atomically and the metadata, which readers check first, goes last:
+    a crash leaves either the previous checkpoint or the new one, never a truncated file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    path.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=path)
+    os.close(fd)
     try:
-        save_file(trained_state(model, policy), tmp / WEIGHTS_FILE)
-        atomic_write_json(tmp / CONFIG_FILE, model.pib.config.model_dump())
-        atomic_write_json(tmp / META_FILE, {
-            "format_version": FORMAT_VERSION,
-            "mllm_pib_version": __version__,
-            "base_model": model.backbone.identity(),
-            "freeze_policy": policy.model_dump(),
-            **(extra or {}),
-        })
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(trained_state(model, policy), tmp)
+        os.replace(tmp, path / WEIGHTS_FILE)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    atomic_write_json(path / CONFIG_FILE, model.pib.config.model_dump())
+    atomic_write_json(path / META_FILE, {
+        "format_version": FORMAT_VERSION,
+        "mllm_pib_version": __version__,
+        "base_model": model.backbone.identity(),
+        "freeze_policy": policy.model_dump(),
+        **(extra or {}),
+    })
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[PIBConfig, dict[str, torch.Tensor], dict]:
@@ -152,3 +149,60 @@ def load_parts(model, state: dict[str, torch.Tensor], path) -> None:
             raise UserError(
                 f"{path}: {part} weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+
+
+EXPORT_SUBDIR = "pib"
+
+
+def export_model(pib_path: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, **options) -> Path:
+    """Write a standalone model directory: the base model in its own layout, plus the PIB
+    checkpoint (with the trained head or adapters) under ``pib/``. Every command that takes a
+    model path loads it whole with :func:`load_model`."""
+    from mllm_pib.plugins import get_backbone
+
+    _, _, meta = read_checkpoint(pib_path)
+    base_meta = meta["base_model"]
+    options = {"feature": base_meta["feature"], **options}
+    backbone = get_backbone(base_meta["backbone"]).load(str(base), **options)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: the export directory exists and is not empty; choose a new path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        backbone.save_pretrained(str(tmp))  # the original weights: the reference stays intact
+        model = load_checkpoint(pib_path, backbone)
+        policy = FreezePolicy.model_validate(meta["freeze_policy"])
+        save_checkpoint(tmp / EXPORT_SUBDIR, model, policy, extra={"exported_from": str(pib_path)})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_model(model_path: str, backbone: str | None = None, pib: str | None = None, **options):
+    """Load a :class:`~mllm_pib.model.PIBModel` from one path.
+
+    ``model_path`` is a base model (then the PIB comes from ``pib``, or is the identity) or an
+    exported directory (base + ``pib/``). The backbone name defaults to the PIB's.
+    """
+    from mllm_pib.model import PIBModel
+    from mllm_pib.plugins import get_backbone
+
+    exported = Path(model_path) / EXPORT_SUBDIR
+    if pib is None and (exported / META_FILE).is_file():
+        pib = str(exported)
+    meta = read_checkpoint(pib)[2] if pib else {}
+    base_meta = meta.get("base_model", {})
+    name = backbone or base_meta.get("backbone")
+    if name is None:
+        raise UserError(f"{model_path}: name the backbone (--backbone) for a model without a PIB checkpoint")
+    if "feature" in base_meta:
+        options.setdefault("feature", base_meta["feature"])
+    loaded = get_backbone(name).load(model_path, **options)
+    if pib:
+        return load_checkpoint(pib, loaded)
+    return PIBModel(loaded).eval()

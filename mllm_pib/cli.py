@@ -18,6 +18,8 @@ from mllm_pib.errors import UserError
 COMMAND_MODULES = (
     "mllm_pib.commands.backbones",
     "mllm_pib.commands.train",
+    "mllm_pib.commands.export",
+    "mllm_pib.commands.tiny_model",
     "mllm_pib.commands.eval",
 )
 

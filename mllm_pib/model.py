@@ -135,6 +135,34 @@ class PIBModel(nn.Module):
         return AnswerScores(logps=logps.sum(-1), counts=valid.sum(-1))
 
     # --- generation -------------------------------------------------------------------------
+    def prompt_batch(self, images: list, questions: list[str]) -> dict:
+        """Left-padded prompts and vision inputs for :meth:`generate`."""
+        bb = self.backbone
+        rows = [bb.prompt_ids(q) for q in questions]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), bb.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            attention_mask[i, width - len(row):] = 1
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "vision_inputs": bb.preprocess(images, questions),
+        }
+
+    def generate_text(self, images: list, questions: list[str], **generate_kwargs) -> list[str]:
+        """Answer each (image, question) with :meth:`generate`; returns decoded answers."""
+        batch = self.prompt_batch(images, questions)
+        tokens = self.generate(batch["input_ids"], batch["attention_mask"], batch["vision_inputs"], **generate_kwargs)
+        return [self.decode(row) for row in tokens.tolist()]
+
+    def decode(self, tokens: list[int]) -> str:
+        """Text of generated tokens, cut at the first stop token."""
+        stops = set(self.backbone.stop_token_ids)
+        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        return self.backbone.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
+
     @torch.no_grad()
     def generate(
         self,

@@ -57,7 +57,7 @@ _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 # ---------------------------------------------------------------------------- singularisation
 
 _IRREGULAR = {
-    "children": "child", "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
+    "men": "man", "children": "child", "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
     "oxen": "ox", "lice": "louse", "dice": "die", "cacti": "cactus", "fungi": "fungus",
     "octopi": "octopus", "criteria": "criterion", "phenomena": "phenomenon", "knives": "knife",
     "wives": "wife", "lives": "life", "leaves": "leaf", "shelves": "shelf", "halves": "half",

@@ -241,8 +241,9 @@ def read_answers(path: str | Path) -> dict[int, str]:
     for index, record in enumerate(read_jsonl(path)):
         where = f"{path} record {index + 1}"
         qid = _field(record, "question_id", int, where)
-        key = "text" if "text" in record else "answer"
-        text = _field(record, key, str, where)
+        text = record.get("text", record.get("answer"))
+        if not isinstance(text, str):
+            raise UserError(f"{where}: needs the answer as a 'text' (or 'answer') string, got {text!r}")
         if qid in answers:
             dups.append(qid)
         answers[qid] = text
@@ -402,9 +403,11 @@ def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[
     Images with at least 3 objects are eligible; ``num_images`` of them are sampled (seeded).
     Per image, the first 3 objects are the positive questions; after each positive comes one
     negative: an object absent from the image and not already asked about for it, chosen
-    uniformly (random), as the most frequent object over the sampled images (popular), or as
-    the object co-occurring most often with that positive (adversarial, falling back to random).
-    Ties in frequency are broken by name, so the result depends only on the inputs and seed.
+    uniformly among all annotated objects (random), as the most frequent object over the
+    sampled images (popular), or as the object co-occurring most often with that positive over
+    the sampled images (adversarial); when popular or adversarial candidates run out, the
+    negative is drawn at random. Ties in frequency are broken by name, so the result depends
+    only on the inputs and seed.
 
     Returns:
         ``{split: [{"question_id", "image", "text", "label"}, ...]}``, ids from 1 in each split.
@@ -421,6 +424,7 @@ def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[
         for a in im.objects:
             cooccurrence[a].update(b for b in im.objects if b != a)
     popular = sorted(frequency, key=lambda o: (-frequency[o], o))
+    vocabulary = sorted({obj for im in images for obj in im.objects})
     splits = {}
     for split in SPLITS:
         rng = random.Random(f"{seed}:{split}")
@@ -436,7 +440,7 @@ def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[
                     ranking = []
                 negative = next((o for o in ranking if o not in asked), None)
                 if negative is None:
-                    negative = _random_negative(popular, asked, rng, im.image)
+                    negative = _random_negative(vocabulary, asked, rng, im.image)
                 asked.add(negative)
                 questions.append(_question(len(questions) + 1, im.image, positive, "yes"))
                 questions.append(_question(len(questions) + 1, im.image, negative, "no"))
@@ -445,9 +449,9 @@ def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[
 
 
 def _random_negative(vocabulary: list[str], asked: set[str], rng: random.Random, image: str) -> str:
-    candidates = sorted(o for o in vocabulary if o not in asked)
+    candidates = [o for o in vocabulary if o not in asked]
     if not candidates:
-        raise UserError(f"image {image}: every object of the sampled images is present or asked; no negative left")
+        raise UserError(f"image {image}: every annotated object is present or already asked; no negative left")
     return rng.choice(candidates)
 
 

@@ -54,7 +54,7 @@ Comments to judge (hallucination, correct or cannot judge):
 {sentences}"""
 
 _HEADER = re.compile(r"judge?ment\s*:", re.IGNORECASE)
-_NUMBERED = re.compile(r"^(\d+)\s*[.)]\s*(.*)$")
+_NUMBERED = re.compile(r"^(\d+)(?:\s*[.)]\s*|\s+)(.*)$")
 
 
 class Judge(Protocol):

@@ -91,7 +91,7 @@ class InstructBlipBackbone(DecoderBackbone):
         max_tokens = min(QFORMER_MAX_TOKENS, self.model.config.qformer_config.max_position_embeddings)
         text = self.processor.qformer_tokenizer(
             questions, padding="longest", truncation=True, max_length=max_tokens,
-            padding_side="left", return_tensors="pt",
+            padding_side="right", return_tensors="pt",
         )
         device = self.model.device
         return {
@@ -245,7 +245,7 @@ def read_config(path: Path):
 
 def read_processor(path: Path, config):
     """The ``InstructBlipProcessor`` of a directory, checked against ``config``."""
-    from transformers import InstructBlipProcessor
+    from transformers import AddedToken, InstructBlipProcessor
 
     try:
         processor = InstructBlipProcessor.from_pretrained(path)
@@ -261,6 +261,10 @@ def read_processor(path: Path, config):
             f"{path}: the processor expands {processor.num_query_tokens} image tokens but the model "
             f"has {config.num_query_tokens} query tokens"
         )
+    if isinstance(processor.image_token, str):
+        # a tokenizer with a named ``image_token`` hands the processor a plain string, which its
+        # ``__call__`` cannot expand (it reads ``.content``)
+        processor.image_token = AddedToken(processor.image_token, normalized=False, special=True)
     image_token = processor.image_token.content
     token_id = processor.tokenizer.convert_tokens_to_ids(image_token)
     if token_id != config.image_token_id:

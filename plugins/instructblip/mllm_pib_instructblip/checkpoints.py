@@ -60,16 +60,23 @@ VIT_BLOCK_PARTS = (
     (".attn.qkv.", ".self_attn.qkv."),
     (".attn.proj.", ".self_attn.projection."),
 )
-QFORMER_PARTS = ((".attention.self.", ".attention.attention."), (".crossattention.self.", ".crossattention.attention."))
+QFORMER_PARTS = (
+    (".attention.self.", ".attention.attention."),
+    (".crossattention.self.", ".crossattention.attention."),
+)
 # Buffers some checkpoints carry that the transformers model recomputes.
 IGNORED = re.compile(r"(^Qformer\.bert\.embeddings\.position_ids$|\.rotary_emb\.inv_freq$)")
 QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
 VOCAB_ROWS = ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
 # Key prefixes that name what another model family has instead of the Vicuna parts.
-OTHER_FAMILIES = {"opt_proj.": "BLIP-2 OPT", "opt_model.": "BLIP-2 OPT", "t5_proj.": "Flan-T5", "t5_model.": "Flan-T5"}
+OTHER_FAMILIES = {
+    "opt_proj.": "BLIP-2 OPT", "opt_model.": "BLIP-2 OPT", "t5_proj.": "Flan-T5", "t5_model.": "Flan-T5",
+}
 
 
-def lavis_to_transformers(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def lavis_to_transformers(
+    state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Rename a ``blip2_vicuna_instruct`` state dict to ``InstructBlipForConditionalGeneration`` keys.
 
     EVA-ViT attention has a fused ``qkv`` projection with separate ``q_bias``/``v_bias`` and no key
@@ -117,13 +124,16 @@ def rename_key(key: str) -> str | None:
 
 
 def _unknown_keys_message(source: str, unknown: list[str]) -> str:
-    families = sorted({family for key in unknown for prefix, family in OTHER_FAMILIES.items() if key.startswith(prefix)})
+    families = sorted(
+        {family for key in unknown for prefix, family in OTHER_FAMILIES.items() if key.startswith(prefix)}
+    )
     hint = (
         f"it looks like a {' / '.join(families)} checkpoint; only blip2_vicuna_instruct is supported"
         if families
         else "expected a LAVIS blip2_vicuna_instruct state dict"
     )
-    return f"{source}: {len(unknown)} keys outside the InstructBLIP layout (first: {', '.join(unknown[:3])}); {hint}"
+    first = ", ".join(unknown[:3])
+    return f"{source}: {len(unknown)} keys outside the InstructBLIP layout (first: {first}); {hint}"
 
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -100,7 +102,8 @@ def to_lavis(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"visual_encoder.blocks.{block.group(1)}.attn.q_bias"] = value[:width]
             out[f"visual_encoder.blocks.{block.group(1)}.attn.v_bias"] = value[2 * width :]
         elif block:
-            out[f"visual_encoder.blocks.{block.group(1)}.{LAVIS_BLOCK_MODULES[block.group(2)]}.{block.group(3)}"] = value
+            module = LAVIS_BLOCK_MODULES[block.group(2)]
+            out[f"visual_encoder.blocks.{block.group(1)}.{module}.{block.group(3)}"] = value
         elif key.startswith("qformer."):
             name = key.removeprefix("qformer.").replace("embeddings.layernorm.", "embeddings.LayerNorm.")
             name = re.sub(r"\b(attention|crossattention)\.attention\.", r"\1.self.", name)
@@ -183,12 +186,27 @@ def test_processor_round_trip(backbone, processor, images):
     assert backbone.tokenizer.decode(answer) == " Yes" + backbone.tokenizer.eos_token
 
 
+def test_named_image_token_string_is_accepted(tiny_dir, images, tmp_path):
+    copy = tmp_path / "named"
+    shutil.copytree(tiny_dir, copy)
+    config_file = copy / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["extra_special_tokens"] = {"image_token": "<image>"}  # the tokenizer then has a str attribute
+    config_file.write_text(json.dumps(config))
+    bb = load(str(copy))
+    assert isinstance(bb.tokenizer.image_token, str)
+    inputs = bb.processor(images=images[:1], text=QUESTIONS[:1])
+    assert inputs["input_ids"][0] == bb.prompt_ids(QUESTIONS[0])
+
+
 def test_wrong_image_token_count_is_detected(backbone, images):
     prompt = backbone.prompt_ids(QUESTIONS[0])[1:]  # one query token short
     ids = torch.tensor([prompt])
     vision = backbone.encode_vision(**backbone.preprocess(images[:1], QUESTIONS[:1]))
     with pytest.raises(ValueError, match="placeholder"):
-        backbone.lm_forward(backbone.embed(ids), vision, torch.ones_like(ids), image_mask=ids == backbone.image_token_id)
+        backbone.lm_forward(
+            backbone.embed(ids), vision, torch.ones_like(ids), image_mask=ids == backbone.image_token_id
+        )
 
 
 def test_parts_cover_every_weight_once(backbone):

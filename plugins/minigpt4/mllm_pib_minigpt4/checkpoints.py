@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 
 BLIP2_PREFIXES = ("vision_model.", "qformer.", "query_tokens")
 PROJ_KEYS = ("llama_proj.weight", "llama_proj.bias")
-LN_VISION_KEYS = {"ln_vision.weight": "vision_model.post_layernorm.weight",
-                  "ln_vision.bias": "vision_model.post_layernorm.bias"}
+LN_VISION_KEYS = {
+    "ln_vision.weight": "vision_model.post_layernorm.weight",
+    "ln_vision.bias": "vision_model.post_layernorm.bias",
+}
 
 
 def read_projection(proj_path: str | Path) -> dict[str, torch.Tensor]:
@@ -49,7 +51,7 @@ def read_projection(proj_path: str | Path) -> dict[str, torch.Tensor]:
                         "pretrained_minigpt4*.pth file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors all mean "not such a file"
+    except Exception as err:  # unpickling, zip and weights-only errors alike
         raise UserError(f"{path} cannot be read as a weights-only torch checkpoint: {err}") from err
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     missing = [key for key in PROJ_KEYS if not isinstance(state, dict) or key not in state]

@@ -141,7 +141,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel):
             embeds[placeholders] = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
         if position_ids is None and attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            position_ids = None
+            position_ids = positions[:, -input_ids.shape[1] :]
         return self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )

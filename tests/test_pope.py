@@ -1,0 +1,353 @@
+"""POPE: parity with the official position-based scoring on real LLaVA-1.5-13B answers, the
+answer rule's edge cases, question formats, id checks, resumable answers and split building."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, strategies as st
+
+from mllm_pib.cli import main
+from mllm_pib.errors import UserError
+from mllm_pib.evaluation import pope
+
+DATA = Path(os.environ.get("MLLM_PIB_SHARED_DATA", "/work/shared/data")) / "pope"
+COMBINED = DATA / "llava_pope_test.jsonl"
+REFERENCE_ANSWERS = DATA / "llava_v1.5_13b_answers_reference.jsonl"
+LABELS = DATA / "coco_e3e3926"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# ---------------------------------------------------------------- the official script, re-implemented
+
+
+def official_counts(answers: list[dict], label_file: Path) -> dict[str, int]:
+    """LLaVA's eval_pope.py, independently: labels by position in the label file, answers by
+    position among this category's answers, truncating to the shorter list."""
+    labels = [0 if json.loads(line)["label"] == "no" else 1 for line in label_file.open()]
+    preds = []
+    for answer in answers:
+        text = answer["text"]
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        preds.append(0 if ("No" in words or "not" in words or "no" in words) else 1)
+    counts = Counter()
+    for pred, label in zip(preds, labels):
+        counts[("t" if pred == label else "f") + ("p" if pred == 1 else "n")] += 1
+    return {k: counts[k] for k in ("tp", "fp", "tn", "fn")}
+
+
+def official_scores(answers_path: Path) -> dict[str, dict[str, int]]:
+    categories = {q["question_id"]: q["category"] for q in map(json.loads, COMBINED.open())}
+    answers = [json.loads(line) for line in answers_path.open()]
+    out = {}
+    for name in sorted(os.listdir(LABELS)):
+        category = name[len("coco_pope_") : -len(".json")]
+        out[category] = official_counts([a for a in answers if categories[a["question_id"]] == category], LABELS / name)
+    return out
+
+
+def test_parity_with_official_script_on_real_answers(capsys):
+    code, out, _ = run_cli(
+        capsys, "eval", "pope", "score", "--answers", REFERENCE_ANSWERS, "--questions", COMBINED, "--labels", LABELS, "--json"
+    )
+    assert code == 0
+    report = json.loads(out)
+    expected = official_scores(REFERENCE_ANSWERS)
+    assert set(report) == {"random", "popular", "adversarial", "mean_f1"}
+    for split, counts in expected.items():
+        got = report[split]
+        assert {k: got[k] for k in counts} == counts
+        tp, fp, tn, fn = (counts[k] for k in ("tp", "fp", "tn", "fn"))
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        assert got["total"] == tp + fp + tn + fn
+        assert got["accuracy"] == (tp + tn) / (tp + fp + tn + fn)
+        assert got["precision"] == precision and got["recall"] == recall
+        assert got["f1"] == 2 * precision * recall / (precision + recall)
+        assert got["yes_ratio"] == (tp + fp) / (tp + fp + tn + fn)
+    assert report["random"]["total"] == 2910  # coco_e3e3926's random split
+    assert report["mean_f1"] == sum(report[s]["f1"] for s in ("random", "popular", "adversarial")) / 3
+
+
+def test_pairing_is_by_id_not_position(tmp_path, capsys):
+    answers = [json.loads(line) for line in REFERENCE_ANSWERS.open()]
+    random.Random(0).shuffle(answers)
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", answers)
+    code, out, _ = run_cli(
+        capsys, "eval", "pope", "score", "--answers", shuffled, "--questions", COMBINED, "--labels", LABELS, "--json"
+    )
+    assert code == 0
+    report = json.loads(out)
+    expected = official_scores(REFERENCE_ANSWERS)
+    for split, counts in expected.items():
+        assert {k: report[split][k] for k in counts} == counts
+    # pairing by position, as the official script does, gets the shuffled file wrong
+    assert official_scores(shuffled) != expected
+
+
+def test_table_output_in_percent(capsys):
+    code, out, _ = run_cli(capsys, "eval", "pope", "score", "--answers", REFERENCE_ANSWERS, "--questions", COMBINED, "--labels", LABELS)
+    assert code == 0
+    counts = official_scores(REFERENCE_ANSWERS)["adversarial"]
+    accuracy = 100 * (counts["tp"] + counts["tn"]) / sum(counts.values())
+    row = next(line for line in out.splitlines() if line.startswith("adversarial"))
+    assert row.split()[1] == f"{accuracy:.2f}"
+    assert row.split()[-5:] == [str(counts[k]) for k in ("tp", "fp", "tn", "fn")] + [str(sum(counts.values()))]
+    assert out.strip().splitlines()[-1].startswith("mean F1: ")
+
+
+# ---------------------------------------------------------------- answer rule
+
+
+@pytest.mark.parametrize(
+    "text, is_yes",
+    [
+        ("Yes", True),
+        ("No", False),
+        ("no", False),
+        ("NO", True),  # only No / no / not count
+        ("Nope", True),
+        ("Not", True),
+        ("", True),
+        ("not", False),
+        ("There is not a dog.", False),
+        ("No, there is no dog.", False),
+        ("Yes, no doubt", False),  # commas dropped: "no" is a word
+        ("Yes,no", True),  # comma dropped without a space: one word "Yesno"
+        ("Yes. No.", True),  # only the first sentence counts
+        ("Yes there is. There is not", True),
+        (" no", False),
+        ("no\n", True),  # split on single spaces: the word is "no\n"
+        ("I do not know.", False),
+    ],
+)
+def test_answer_rule(text, is_yes):
+    assert pope.answer_is_yes(text) is is_yes
+
+
+@given(st.text(alphabet="Nnot ,.Ye\ns", max_size=12), st.text(alphabet="Nnot ,.Ye\ns", max_size=12))
+def test_stopping_at_sentence_end_never_changes_the_score(prefix, continuation):
+    if pope.is_sentence_end(prefix):
+        assert pope.answer_is_yes(prefix + continuation) == pope.answer_is_yes(prefix)
+    else:
+        assert "." not in prefix
+
+
+def test_prompt_styles():
+    question = "Is there a dog in the image?"
+    assert pope.format_prompt(question, "hadpo") == question
+    assert pope.format_prompt(question, "llava") == question + pope.LLAVA_SUFFIX
+    assert pope.format_prompt(question + pope.LLAVA_SUFFIX, "llava") == question + pope.LLAVA_SUFFIX
+    with pytest.raises(UserError, match="prompt style"):
+        pope.format_prompt(question, "other")
+
+
+# ---------------------------------------------------------------- question formats
+
+
+def test_combined_file_maps_ids_to_label_rows():
+    questions = pope.load_questions(COMBINED, LABELS)
+    by_id = {q.question_id: q for q in questions}
+    assert Counter(q.split for q in questions) == {"adversarial": 3000, "random": 2910, "popular": 3000}
+    for split, offset in (("adversarial", 0), ("random", 10_000_000), ("popular", 20_000_000)):
+        rows = [json.loads(line) for line in (LABELS / f"coco_pope_{split}.json").open()]
+        for row_number in (1, 2, len(rows)):
+            q, row = by_id[offset + row_number], rows[row_number - 1]
+            assert (q.image, q.text, q.label, q.split) == (row["image"], row["text"], row["label"], split)
+    assert not any(q.text.endswith(pope.LLAVA_SUFFIX) for q in questions)
+
+
+def test_combined_file_with_another_version_of_labels_is_refused():
+    with pytest.raises(UserError, match="another POPE version"):
+        pope.load_questions(COMBINED, DATA / "coco_head")
+
+
+def test_combined_id_outside_label_file(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    write_jsonl(labels / "coco_pope_random.json", [{"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}])
+    combined = write_jsonl(tmp_path / "q.jsonl", [
+        {"question_id": 10_000_002, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "random"},
+    ])
+    with pytest.raises(UserError, match="row 2 of coco_pope_random.json, which has 1 rows"):
+        pope.load_questions(combined, labels)
+
+
+def test_seem_json_array_and_answer_field(tmp_path, capsys):
+    seem = DATA / "seem" / "gqa_pope_seem_adversarial.json"
+    rows = json.loads(seem.read_text())
+    texts = {r["question_id"]: ("Yes" if r["question_id"] % 3 else "No, there is not.") for r in rows}
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": q, "answer": t} for q, t in reversed(texts.items())])
+    code, out, _ = run_cli(capsys, "eval", "pope", "score", "--answers", answers, "--questions", seem, "--json")
+    assert code == 0
+    expected = Counter()
+    for r in rows:
+        pred_yes, label_yes = texts[r["question_id"]] == "Yes", r["label"] == "yes"
+        expected[("t" if pred_yes == label_yes else "f") + ("p" if pred_yes else "n")] += 1
+    got = json.loads(out)["adversarial"]
+    assert {k: got[k] for k in ("tp", "fp", "tn", "fn")} == {k: expected[k] for k in ("tp", "fp", "tn", "fn")}
+
+
+def test_several_split_files_in_one_report(tmp_path, capsys):
+    argv = ["eval", "pope", "score", "--json"]
+    for split in ("random", "popular"):
+        questions = DATA / "coco_head" / f"coco_pope_{split}.json"
+        ids = [json.loads(line)["question_id"] for line in questions.open()]
+        answers = write_jsonl(tmp_path / f"{split}.jsonl", [{"question_id": i, "text": "Yes"} for i in ids])
+        argv += ["--answers", answers, "--questions", questions]
+    code, out, _ = run_cli(capsys, *argv)
+    report = json.loads(out)
+    assert code == 0 and list(report) == ["random", "popular", "mean_f1"]
+    for split in ("random", "popular"):
+        assert report[split]["yes_ratio"] == 1.0 and report[split]["fn"] == report[split]["tn"] == 0
+        assert report[split]["recall"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a[:-3], "3 questions have no answer"),
+        (lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 5, "text": "No"}], "1 duplicate question ids"),
+        (lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 99_999_998, "text": "No"}], "2 answers have ids that are not questions"),
+        (lambda a: a[:1] + [{"question_id": 2}] + a[2:], "needs the answer as a 'text' (or 'answer') string"),
+    ],
+)
+def test_answer_id_problems_are_clear_errors(tmp_path, capsys, mutate, message):
+    answers = [json.loads(line) for line in REFERENCE_ANSWERS.open()]
+    path = write_jsonl(tmp_path / "answers.jsonl", mutate(answers))
+    code, _, err = run_cli(capsys, "eval", "pope", "score", "--answers", path, "--questions", COMBINED, "--labels", LABELS)
+    assert code == 2
+    assert message in err and str(path) in err
+
+
+# ---------------------------------------------------------------- resumable answers file
+
+
+def test_answer_writer_resumes_after_a_crash(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    with pope.AnswerWriter(path) as writer:
+        assert writer.answered == set()
+        writer.write(1, "p1", "Yes")
+        writer.write(2, "p2", "No", split="random")
+        # flushed line by line: readable while the writer is still open
+        assert pope.read_answers(path) == {1: "Yes", 2: "No"}
+        with pytest.raises(ValueError, match="already answered"):
+            writer.write(2, "p2", "Yes")
+    # a crash in the middle of a write: the last line has no newline (whether or not it parses)
+    with path.open("a") as handle:
+        handle.write('{"question_id": 3, "prompt": "p3", "text": "No"}')
+    with pope.AnswerWriter(path) as writer:
+        assert writer.answered == {1, 2}
+        writer.write(3, "p3", "Yes")
+    with path.open("a") as handle:
+        handle.write('{"question_id": 4, "prom')
+    with pope.AnswerWriter(path) as writer:
+        assert writer.answered == {1, 2, 3}
+        writer.write(4, "p4", "No")
+    assert pope.read_answers(path) == {1: "Yes", 2: "No", 3: "Yes", 4: "No"}
+    assert path.read_text().endswith("\n") and len(path.read_text().splitlines()) == 4
+
+
+def test_answer_writer_refuses_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text('{"question_id": 1, "text": "Yes"}\n{"question_id": 2, \n{"question_id": 3, "text": "No"}\n')
+    with pytest.raises(UserError, match=r"answers.jsonl:2: invalid JSON"):
+        pope.AnswerWriter(path)
+
+
+# ---------------------------------------------------------------- building splits
+
+# distinct-enough frequencies to check popular/adversarial negatives by hand
+IMAGES = {
+    "img1.jpg": ["person", "dog", "frisbee"],
+    "img2.jpg": ["person", "dog", "car", "bicycle"],
+    "img3.jpg": ["cat", "couch", "tv"],
+    "img4.jpg": ["person", "car", "bus"],
+    "img5.jpg": ["dog", "dog"],  # one distinct object: never sampled
+}
+
+
+def coco_instances(path: Path) -> Path:
+    names = sorted({o for objects in IMAGES.values() for o in objects})
+    categories = [{"id": 10 + i, "name": n} for i, n in enumerate(names)]
+    cat_id = {c["name"]: c["id"] for c in categories}
+    images = [{"id": 100 + i, "file_name": name} for i, name in enumerate(IMAGES)]
+    annotations = [
+        {"id": len(images) * 10 + j, "image_id": 100 + i, "category_id": cat_id[o]}
+        for i, objects in enumerate(IMAGES.values())
+        for j, o in enumerate(objects)
+    ]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def questions_by_image(path: Path) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list] = {}
+    for q in map(json.loads, path.open()):
+        obj = q["text"].removeprefix("Is there ").removesuffix(" in the image?").split(" ", 1)[1]
+        out.setdefault(q["image"], []).append((obj, q["label"]))
+    return out
+
+
+def test_build_splits_follow_pope_sampling(tmp_path, capsys):
+    annotations = coco_instances(tmp_path / "instances_val2014.json")
+    code, out, _ = run_cli(capsys, "eval", "pope", "build", "--annotations", annotations, "--images", 4, "--seed", 3, "--out", tmp_path / "out")
+    assert code == 0 and "coco_pope_adversarial.json: 24 questions" in out
+    splits = {s: questions_by_image(tmp_path / "out" / f"coco_pope_{s}.json") for s in pope.SPLITS}
+    for split, per_image in splits.items():
+        assert set(per_image) == {"img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"}
+        for image, qs in per_image.items():
+            assert [o for o, label in qs if label == "yes"] == IMAGES[image][:3]
+            assert [label for _, label in qs] == ["yes", "no"] * 3
+            negatives = [o for o, label in qs if label == "no"]
+            assert len(set(negatives)) == 3 and not set(negatives) & set(IMAGES[image])
+    # popular: person 3, car 2, dog 2, then the rest once (ties by name)
+    assert [o for o, l in splits["popular"]["img1.jpg"] if l == "no"] == ["car", "bicycle", "bus"]
+    assert [o for o, l in splits["popular"]["img3.jpg"] if l == "no"] == ["person", "car", "dog"]
+    assert [o for o, l in splits["popular"]["img2.jpg"] if l == "no"] == ["bus", "cat", "couch"]
+    # adversarial: person co-occurs with car and dog twice; dog with person twice, then bicycle
+    adv = [o for o, l in splits["adversarial"]["img1.jpg"] if l == "no"]
+    assert adv[:2] == ["car", "bicycle"] and adv[2] in {"bus", "cat", "couch", "tv"}  # frisbee: random fallback
+    assert [o for o, l in splits["adversarial"]["img4.jpg"] if l == "no"][:2] == ["dog", "bicycle"]
+    # the files are valid POPE question files: perfect answers score 1
+    questions = pope.load_questions(tmp_path / "out" / "coco_pope_random.json")
+    scores = pope.score(questions, {q.question_id: q.label.capitalize() for q in questions})
+    assert scores["random"].accuracy == 1.0 and scores["random"].total == 24
+
+
+def test_build_is_seeded_and_reads_simple_jsonl(tmp_path):
+    coco = pope.load_object_images(coco_instances(tmp_path / "instances.json"))
+    simple = pope.load_object_images(write_jsonl(tmp_path / "objects.jsonl", [{"image": k, "objects": v} for k, v in IMAGES.items()]))
+    assert coco == simple
+    runs = [pope.build_splits(simple, 3, seed) for seed in (0, 0, 1, 2, 3, 4)]
+    assert runs[0] == runs[1]
+    assert any(run != runs[0] for run in runs[2:])
+    assert [q["question_id"] for q in runs[0]["popular"]] == list(range(1, 19))
+
+
+def test_build_needs_enough_images(tmp_path):
+    images = pope.load_object_images(coco_instances(tmp_path / "instances.json"))
+    with pytest.raises(UserError, match="only 4 images have at least 3 objects"):
+        pope.build_splits(images, 5, 0)
+
+
+def test_build_refuses_when_no_negative_is_left(tmp_path):
+    images = [pope.ObjectImage("only.jpg", ("cat", "dog", "bird"))]
+    with pytest.raises(UserError, match="only.jpg: every annotated object is present"):
+        pope.build_splits(images, 1, 0)

@@ -1,0 +1,169 @@
+"""End to end: train a PIB with DPO on generated HA-DPO data, for every installed backbone."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_backbones
+from mllm_pib.checkpoint import export_model, load_checkpoint, load_model
+from mllm_pib.cli import main
+from mllm_pib.config import load_config
+from mllm_pib.demo.world import World, export_dataset
+from mllm_pib.plugins import get_backbone
+from mllm_pib.training.run import train
+
+
+@pytest.fixture(scope="session")
+def hadpo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hadpo")
+    export_dataset(World(0).sample(12), out, seed=0)
+    return out
+
+
+def write_config(tmp_path, backbone, model_dir, data_dir, **changes):
+    config = {
+        "backbone": backbone,
+        "model": model_dir,
+        "data": [
+            {"format": "desc", "path": str(data_dir / "hadpo/desc_data.json"), "images": str(data_dir / "VG")},
+            {"format": "pope", "path": str(data_dir / "hadpo/pope_data.json"), "images": str(data_dir / "VG")},
+        ],
+        "pib": {"num_heads": 4, "intermediate_size": 64},
+        "loss": {"beta": 0.5},
+        "max_length": 512,
+        "training": {
+            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 8,
+            "learning_rate": 2e-2, "logging_steps": 1, "save_steps": 4, "seed": 0, "use_cpu": True,
+            "lr_scheduler_type": "constant",
+        },
+    }
+    for key, value in changes.items():
+        config[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def frozen_state(model):
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+def run_training(config_path, mutate=None):
+    """Train through the real entry point, returning (model-before-state, out dir, history)."""
+    config = load_config(config_path)
+    out = train(config)
+    import json
+
+    history = json.loads((out / "log_history.json").read_text())
+    return out, [h for h in history if "loss" in h]
+
+
+@pytest.mark.parametrize("backbone", tiny_backbones())
+def test_end_to_end_training(backbone, tmp_path, tiny_model_dir, hadpo_dir):
+    model_dir = tiny_model_dir(backbone)
+    out, logs = run_training(write_config(tmp_path, backbone, model_dir, hadpo_dir))
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # identity block: policy == reference
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # single batches are noisy: compare the second half of the run with the start
+    late = logs[len(logs) // 2 :]
+    assert sum(h["rewards/margins"] for h in late) / len(late) > 0.01
+    assert sum(h["loss"] for h in late) / len(late) < math.log(2) - 0.005
+
+    base = load_model(model_dir, backbone=backbone)
+    trained = load_checkpoint(out, get_backbone(backbone).load(model_dir))
+    # the frozen backbone is bit-identical: only the block was saved and loaded
+    for (name, a), b in zip(base.backbone.state_dict().items(), trained.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not all(torch.equal(a, b) for a, b in zip(base.pib.state_dict().values(), trained.pib.state_dict().values()))
+
+    # checkpoint reload and export reload give identical logits
+    bb = trained.backbone
+    ids = torch.tensor([bb.prompt_ids("Is there a star in the image?") + bb.answer_ids("No.")])
+    from PIL import Image
+
+    inputs = bb.preprocess([Image.open(next((hadpo_dir / "VG").rglob("*.png")))], ["q"])
+    logits = trained(ids, torch.ones_like(ids), inputs)
+    assert not torch.allclose(logits, trained(ids, torch.ones_like(ids), inputs, bypass_pib=True))
+    exported = export_model(out, model_dir, tmp_path / "export")
+    again = load_model(str(exported))
+    assert torch.equal(again(ids, torch.ones_like(ids), inputs), logits)
+    # resume: the last checkpoint is there and training continues from it
+    assert (out / "checkpoint-8").is_dir()
+
+
+def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_dir):
+    """Checks the in-memory model during training, not only what was saved."""
+    from mllm_pib.data.records import BadRecordBudget
+    from mllm_pib.training.preference import PreferenceStep
+    from mllm_pib.training.run import build_dataset, build_model
+    from mllm_pib.data.dataset import PreferenceCollator
+
+    config = load_config(write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir, freeze="stage2"))
+    backbone = get_backbone("llava").load(config.model)
+    model = build_model(config, backbone)
+    policy = config.freeze_policy()
+    report = {row.part: row for row in policy.apply(model)}
+    assert report["lm_head"].trainable == report["lm_head"].total > 0
+    assert report["llm"].trainable == 0 and report["pib"].trainable == report["pib"].total
+    head_before = backbone.lm_head.weight.clone()
+    others = {k: v.clone() for k, v in backbone.state_dict().items() if "lm_head" not in k}
+    step = PreferenceStep(model, policy, config.loss)
+    dataset = build_dataset(config, backbone, BadRecordBudget(0))
+    batch = PreferenceCollator(backbone)([dataset[i] for i in range(4)])
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, metrics = step(batch)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    assert not torch.equal(backbone.lm_head.weight, head_before)  # stage 2 trains the head
+    assert torch.equal(model.ref_lm_head.weight, head_before)  # the reference keeps the original
+    for name, value in backbone.state_dict().items():
+        if "lm_head" not in name:
+            assert torch.equal(value, others[name]), name
+
+
+def test_lora_policy_trains_adapters_only(tmp_path, tiny_model_dir, hadpo_dir):
+    from mllm_pib.data.dataset import PreferenceCollator
+    from mllm_pib.data.records import BadRecordBudget
+    from mllm_pib.training.preference import PreferenceStep
+    from mllm_pib.training.run import build_dataset, build_model
+
+    freeze = {"parts": {"pib": "train", "llm": "lora"}, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
+    config = load_config(write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir, freeze=freeze))
+    backbone = get_backbone("llava").load(config.model)
+    model = build_model(config, backbone)
+    policy = config.freeze_policy()
+    policy.apply(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("pib.") for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)  # adapters only in the LLM
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    step = PreferenceStep(model, policy, config.loss)
+    dataset = build_dataset(config, backbone, BadRecordBudget(0))
+    batch = PreferenceCollator(backbone)([dataset[i] for i in range(4)])
+    loss, metrics = step(batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, _ = step(batch)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n or n.startswith("pib.") for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_cli_train_and_unknown_key(tmp_path, tiny_model_dir, hadpo_dir, capsys):
+    path = write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir)
+    assert main(["train", "--config", str(path), "--set", "training.max_steps=2", "--set", "training.save_steps=100",
+                 "--output-dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "model.safetensors").is_file()
+    assert main(["train", "--config", str(path), "--set", "loss.betta=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.betta" in err and "beta" in err
+    assert main(["train", "--config", str(path), "--set", "training.learning_rat=0.1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
