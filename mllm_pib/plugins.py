@@ -98,8 +98,9 @@ class RegisteredBackbone:
         return self.plugin.entry_point
 
     def check_options(self, options: dict[str, Any]) -> None:
-        """Raise a :class:`UserError` for option names the backbone does not declare."""
-        unknown = sorted(set(options) - set(self.spec.options))
+        """Raise a :class:`UserError` for option names the backbone does not declare (``dtype``
+        and ``device`` are understood by every backbone's ``load``)."""
+        unknown = sorted(set(options) - set(self.spec.options) - set(COMMON_LOAD_OPTIONS))
         if unknown:
             known = ", ".join(sorted(self.spec.options)) or "none"
             raise UserError(
@@ -121,6 +122,9 @@ class RegisteredBackbone:
             )
         self.check_options(options)
         self.spec.write_tiny(out_dir, seed=seed, **options)
+
+
+COMMON_LOAD_OPTIONS = ("dtype", "device")
 
 
 @dataclass(frozen=True)

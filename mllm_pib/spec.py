@@ -14,7 +14,8 @@ class BackboneSpec:
         name: the registry name users type (``--backbone NAME``).
         description: one line shown by ``mllm-pib backbones``.
         load: ``load(model_path, **options) -> Backbone``; ``options`` are backbone-specific
-            (for example ``feature="clip"``), listed in :attr:`options`.
+            (for example ``feature="clip"``), listed in :attr:`options`; every ``load`` also
+            accepts ``dtype`` and ``device``.
         options: option name -> one-line help, for ``mllm-pib backbones`` and config errors.
         write_tiny: optional ``write_tiny(out_dir, seed=0, **options)`` that writes a tiny random
             checkpoint in the backbone's published layout, with a locally trained tokenizer,

@@ -147,7 +147,8 @@ def parse_judgement(image_id: int, reply: str, sentences: list[str]) -> ImageJud
     if header is None:
         return ImageJudgement(image_id, "no_judgement", unlabelled)
     first = _HEADER.split(lines[header], maxsplit=1)[1]
-    entries = [line.strip() for line in [first, *lines[header + 1 :]] if line.strip()]
+    # markdown emphasis around the header or a line ("**Judgement:**") is not content
+    entries = [e for e in (line.strip().strip("*").strip() for line in [first, *lines[header + 1 :]]) if e]
     numbered = [_NUMBERED.match(entry) for entry in entries]
     if len(entries) != len(sentences) or any(m and int(m.group(1)) != i for i, m in enumerate(numbered, 1)):
         return ImageJudgement(image_id, "count_mismatch", unlabelled)
