@@ -4,7 +4,6 @@ script, and CHAIR_s / CHAIR_i / recall on hand-built annotations and on real OPE
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from mllm_pib.cli import main
 from mllm_pib.errors import UserError
 from mllm_pib.evaluation import chair
 
-DATA = Path(os.environ.get("MLLM_PIB_SHARED_DATA", "/work/shared/data")) / "chair"
+DATA = Path(__file__).parent / "data" / "chair"  # copies of the official files (see tests/data/README.md)
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +34,53 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     "plural, singular",
     [
-        ("dogs", "dog"), ("buses", "bus"), ("bus", "bus"), ("knives", "knife"), ("skis", "ski"),
-        ("taxis", "taxi"), ("ponies", "pony"), ("puppies", "puppy"), ("ties", "tie"), ("collies", "collie"),
-        ("glasses", "glass"), ("glass", "glass"), ("benches", "bench"), ("sandwiches", "sandwich"),
-        ("toothbrushes", "toothbrush"), ("boxes", "box"), ("tomatoes", "tomato"), ("canoes", "canoe"),
-        ("shoes", "shoe"), ("horses", "horse"), ("suitcases", "suitcase"), ("giraffes", "giraffe"),
-        ("stoves", "stove"), ("shelves", "shelf"), ("men", "man"), ("women", "woman"),
-        ("policemen", "policeman"), ("children", "child"), ("grandchildren", "grandchild"),
-        ("people", "people"), ("mice", "mouse"), ("oxen", "ox"), ("sheep", "sheep"), ("cattle", "cattle"),
-        ("scissors", "scissors"), ("tennis", "tennis"), ("tvs", "tv"), ("bananas", "banana"),
-        ("pizzas", "pizza"), ("sofas", "sofa"), ("is", "is"), ("this", "this"), ("grass", "grass"),
-        ("buffaloes", "buffalo"), ("donuts", "donut"), ("skies", "sky"), ("microwaves", "microwave"),
+        ("dogs", "dog"),
+        ("buses", "bus"),
+        ("bus", "bus"),
+        ("knives", "knife"),
+        ("skis", "ski"),
+        ("taxis", "taxi"),
+        ("ponies", "pony"),
+        ("puppies", "puppy"),
+        ("ties", "tie"),
+        ("collies", "collie"),
+        ("glasses", "glass"),
+        ("glass", "glass"),
+        ("benches", "bench"),
+        ("sandwiches", "sandwich"),
+        ("toothbrushes", "toothbrush"),
+        ("boxes", "box"),
+        ("tomatoes", "tomato"),
+        ("canoes", "canoe"),
+        ("shoes", "shoe"),
+        ("horses", "horse"),
+        ("suitcases", "suitcase"),
+        ("giraffes", "giraffe"),
+        ("stoves", "stove"),
+        ("shelves", "shelf"),
+        ("men", "man"),
+        ("women", "woman"),
+        ("policemen", "policeman"),
+        ("children", "child"),
+        ("grandchildren", "grandchild"),
+        ("people", "people"),
+        ("mice", "mouse"),
+        ("oxen", "ox"),
+        ("sheep", "sheep"),
+        ("cattle", "cattle"),
+        ("scissors", "scissors"),
+        ("tennis", "tennis"),
+        ("tvs", "tv"),
+        ("bananas", "banana"),
+        ("pizzas", "pizza"),
+        ("sofas", "sofa"),
+        ("is", "is"),
+        ("this", "this"),
+        ("grass", "grass"),
+        ("buffaloes", "buffalo"),
+        ("donuts", "donut"),
+        ("skies", "sky"),
+        ("microwaves", "microwave"),
     ],
 )
 def test_singularize(plural, singular):
@@ -129,8 +164,14 @@ def coco_dir(tmp_path: Path) -> Path:
     images = [{"id": image, "file_name": f"COCO_val2014_{image:012d}.jpg"} for image in INSTANCES]
     out = tmp_path / "annotations"
     out.mkdir()
-    (out / "instances_val2014.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    captions = [{"id": 10 * image + j, "image_id": image, "caption": c} for image, cs in HUMAN_CAPTIONS.items() for j, c in enumerate(cs)]
+    (out / "instances_val2014.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    captions = [
+        {"id": 10 * image + j, "image_id": image, "caption": c}
+        for image, cs in HUMAN_CAPTIONS.items()
+        for j, c in enumerate(cs)
+    ]
     (out / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": captions}))
     return out
 
@@ -141,14 +182,20 @@ def test_hand_built_case(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "eval", "chair", "--captions", captions, "--annotations", annotations, "--json")
     assert code == 0
     report = json.loads(out)
-    # mentions: [dog, person, traffic light, hot dog*, bench], [toilet, cat*], [elephant, elephant, motorcycle*], [elephant]
+    # mentions: [dog, person, traffic light, hot dog*, bench], [toilet, cat*],
+    #           [elephant, elephant, motorcycle*], [elephant]
     assert report["captions"] == 4 and report["mentions"] == 11 and report["hallucinated_mentions"] == 3
     assert report["chair_s"] == 3 / 4
     assert report["chair_i"] == 3 / 11
     # ground truth: {person, dog, traffic light, bench}, {toilet, sink}, {elephant}, {elephant}
     assert report["recall"] == (4 + 1 + 1 + 1) / (4 + 2 + 1 + 1)
     per = report["per_caption"]
-    assert [p["hallucinated"] for p in per] == [[["hot dog", "hot dog"]], [["cat", "cat"]], [["motor bike", "motorcycle"]], []]
+    assert [p["hallucinated"] for p in per] == [
+        [["hot dog", "hot dog"]],
+        [["cat", "cat"]],
+        [["motor bike", "motorcycle"]],
+        [],
+    ]
     assert per[0]["ground_truth"] == ["bench", "dog", "person", "traffic light"]
     # the table shows percentages
     code, out, _ = run_cli(capsys, "eval", "chair", "--captions", captions, "--annotations", annotations)
@@ -158,22 +205,31 @@ def test_hand_built_case(tmp_path, capsys):
 def test_annotation_files_and_objects_jsonl_agree_with_directory(tmp_path, vocab):
     annotations = coco_dir(tmp_path)
     from_dir = chair.load_ground_truth([annotations], vocab)
-    from_files = chair.load_ground_truth([annotations / "captions_val2014.json", annotations / "instances_val2014.json"], vocab)
-    objects = write_jsonl(tmp_path / "objects.jsonl", [
-        {"image_id": 1, "objects": ["person", "dogs", "traffic light", "bench"]},
-        {"image_id": 2, "objects": ["toilet", "sink"]},
-        {"image_id": 3, "objects": ["Elephant"]},
-    ])
+    from_files = chair.load_ground_truth(
+        [annotations / "captions_val2014.json", annotations / "instances_val2014.json"], vocab
+    )
+    objects = write_jsonl(
+        tmp_path / "objects.jsonl",
+        [
+            {"image_id": 1, "objects": ["person", "dogs", "traffic light", "bench"]},
+            {"image_id": 2, "objects": ["toilet", "sink"]},
+            {"image_id": 3, "objects": ["Elephant"]},
+        ],
+    )
     assert from_dir == from_files == chair.load_ground_truth([objects], vocab)
     assert from_dir == {1: {"person", "dog", "traffic light", "bench"}, 2: {"toilet", "sink"}, 3: {"elephant"}}
 
 
 def test_unannotated_images_and_unknown_objects_are_errors(tmp_path, vocab, capsys):
     annotations = coco_dir(tmp_path)
-    captions = write_jsonl(tmp_path / "captions.jsonl", [{"image_id": 7, "caption": "A dog."}, {"image_id": 1, "caption": "A dog."}])
+    captions = write_jsonl(
+        tmp_path / "captions.jsonl", [{"image_id": 7, "caption": "A dog."}, {"image_id": 1, "caption": "A dog."}]
+    )
     code, _, err = run_cli(capsys, "eval", "chair", "--captions", captions, "--annotations", annotations)
     assert code == 2 and "1 described images have no annotations (e.g. image ids [7])" in err
-    objects = write_jsonl(tmp_path / "objects.jsonl", [{"image_id": 1, "objects": ["dog"]}, {"image_id": 2, "objects": ["spaceship"]}])
+    objects = write_jsonl(
+        tmp_path / "objects.jsonl", [{"image_id": 1, "objects": ["dog"]}, {"image_id": 2, "objects": ["spaceship"]}]
+    )
     with pytest.raises(UserError, match=r"objects.jsonl record 2: object 'spaceship' is not a COCO object"):
         chair.load_ground_truth([objects], vocab)
 
@@ -199,8 +255,17 @@ def test_opera_captions_against_hand_annotations(tmp_path, capsys):
     per = {p["image_id"]: p for p in report["per_caption"]}
     # 226988: woman, dining table, pizza, pizza, people, table, bench, chair, table, bottles, table
     assert [m[1] for m in per[226988]["mentioned"]] == [
-        "person", "dining table", "pizza", "pizza", "person", "dining table", "bench", "chair",
-        "dining table", "bottle", "dining table",
+        "person",
+        "dining table",
+        "pizza",
+        "pizza",
+        "person",
+        "dining table",
+        "bench",
+        "chair",
+        "dining table",
+        "bottle",
+        "dining table",
     ]
     assert [m[1] for m in per[226988]["hallucinated"]] == ["bench", "chair", "bottle"]
     # 337443: cars, truck, "orange construction sign" (the fruit, a known CHAIR false positive), people
@@ -213,7 +278,9 @@ def test_opera_captions_against_hand_annotations(tmp_path, capsys):
     assert report["recall"] == 9 / 12
 
 
-@pytest.mark.parametrize("name", ["opera_llava-1.5_beam5.jsonl", "opera_llava-1.5_greedy.jsonl", "opera_llava-1.5_ours.jsonl"])
+@pytest.mark.parametrize(
+    "name", ["opera_llava-1.5_beam5.jsonl", "opera_llava-1.5_greedy.jsonl", "opera_llava-1.5_ours.jsonl"]
+)
 def test_all_opera_files_are_read(name, vocab):
     captions = chair.load_captions(DATA / name)
     truth = {image_id: set() for image_id, _ in captions}  # nothing annotated: every mention hallucinated

@@ -10,13 +10,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mllm_pib.cli import main
 from mllm_pib.errors import UserError
 from mllm_pib.evaluation import pope
 
-DATA = Path(os.environ.get("MLLM_PIB_SHARED_DATA", "/work/shared/data")) / "pope"
+DATA = Path(__file__).parent / "data" / "pope"  # copies of the official files (see tests/data/README.md)
 COMBINED = DATA / "llava_pope_test.jsonl"
 REFERENCE_ANSWERS = DATA / "llava_v1.5_13b_answers_reference.jsonl"
 LABELS = DATA / "coco_e3e3926"
@@ -65,7 +66,17 @@ def official_scores(answers_path: Path) -> dict[str, dict[str, int]]:
 
 def test_parity_with_official_script_on_real_answers(capsys):
     code, out, _ = run_cli(
-        capsys, "eval", "pope", "score", "--answers", REFERENCE_ANSWERS, "--questions", COMBINED, "--labels", LABELS, "--json"
+        capsys,
+        "eval",
+        "pope",
+        "score",
+        "--answers",
+        REFERENCE_ANSWERS,
+        "--questions",
+        COMBINED,
+        "--labels",
+        LABELS,
+        "--json",
     )
     assert code == 0
     report = json.loads(out)
@@ -102,7 +113,9 @@ def test_pairing_is_by_id_not_position(tmp_path, capsys):
 
 
 def test_table_output_in_percent(capsys):
-    code, out, _ = run_cli(capsys, "eval", "pope", "score", "--answers", REFERENCE_ANSWERS, "--questions", COMBINED, "--labels", LABELS)
+    code, out, _ = run_cli(
+        capsys, "eval", "pope", "score", "--answers", REFERENCE_ANSWERS, "--questions", COMBINED, "--labels", LABELS
+    )
     assert code == 0
     counts = official_scores(REFERENCE_ANSWERS)["adversarial"]
     accuracy = 100 * (counts["tp"] + counts["tn"]) / sum(counts.values())
@@ -181,10 +194,16 @@ def test_combined_file_with_another_version_of_labels_is_refused():
 def test_combined_id_outside_label_file(tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
-    write_jsonl(labels / "coco_pope_random.json", [{"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}])
-    combined = write_jsonl(tmp_path / "q.jsonl", [
-        {"question_id": 10_000_002, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "random"},
-    ])
+    write_jsonl(
+        labels / "coco_pope_random.json",
+        [{"question_id": 1, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}],
+    )
+    combined = write_jsonl(
+        tmp_path / "q.jsonl",
+        [
+            {"question_id": 10_000_002, "image": "a.jpg", "text": "Is there a cat in the image?", "category": "random"},
+        ],
+    )
     with pytest.raises(UserError, match="row 2 of coco_pope_random.json, which has 1 rows"):
         pope.load_questions(combined, labels)
 
@@ -193,7 +212,9 @@ def test_seem_json_array_and_answer_field(tmp_path, capsys):
     seem = DATA / "seem" / "gqa_pope_seem_adversarial.json"
     rows = json.loads(seem.read_text())
     texts = {r["question_id"]: ("Yes" if r["question_id"] % 3 else "No, there is not.") for r in rows}
-    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": q, "answer": t} for q, t in reversed(texts.items())])
+    answers = write_jsonl(
+        tmp_path / "answers.jsonl", [{"question_id": q, "answer": t} for q, t in reversed(texts.items())]
+    )
     code, out, _ = run_cli(capsys, "eval", "pope", "score", "--answers", answers, "--questions", seem, "--json")
     assert code == 0
     expected = Counter()
@@ -223,15 +244,23 @@ def test_several_split_files_in_one_report(tmp_path, capsys):
     "mutate, message",
     [
         (lambda a: a[:-3], "3 questions have no answer"),
-        (lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 5, "text": "No"}], "1 duplicate question ids"),
-        (lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 99_999_998, "text": "No"}], "2 answers have ids that are not questions"),
+        (
+            lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 5, "text": "No"}],
+            "1 duplicate question ids",
+        ),
+        (
+            lambda a: a + [{"question_id": 99_999_999, "text": "Yes"}, {"question_id": 99_999_998, "text": "No"}],
+            "2 answers have ids that are not questions",
+        ),
         (lambda a: a[:1] + [{"question_id": 2}] + a[2:], "needs the answer as a 'text' (or 'answer') string"),
     ],
 )
 def test_answer_id_problems_are_clear_errors(tmp_path, capsys, mutate, message):
     answers = [json.loads(line) for line in REFERENCE_ANSWERS.open()]
     path = write_jsonl(tmp_path / "answers.jsonl", mutate(answers))
-    code, _, err = run_cli(capsys, "eval", "pope", "score", "--answers", path, "--questions", COMBINED, "--labels", LABELS)
+    code, _, err = run_cli(
+        capsys, "eval", "pope", "score", "--answers", path, "--questions", COMBINED, "--labels", LABELS
+    )
     assert code == 2
     assert message in err and str(path) in err
 
@@ -307,24 +336,41 @@ def questions_by_image(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 def test_build_splits_follow_pope_sampling(tmp_path, capsys):
     annotations = coco_instances(tmp_path / "instances_val2014.json")
-    code, out, _ = run_cli(capsys, "eval", "pope", "build", "--annotations", annotations, "--images", 4, "--seed", 3, "--out", tmp_path / "out")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        "pope",
+        "build",
+        "--annotations",
+        annotations,
+        "--images",
+        4,
+        "--seed",
+        3,
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 0 and "coco_pope_adversarial.json: 24 questions" in out
     splits = {s: questions_by_image(tmp_path / "out" / f"coco_pope_{s}.json") for s in pope.SPLITS}
-    for split, per_image in splits.items():
+    for per_image in splits.values():
         assert set(per_image) == {"img1.jpg", "img2.jpg", "img3.jpg", "img4.jpg"}
         for image, qs in per_image.items():
             assert [o for o, label in qs if label == "yes"] == IMAGES[image][:3]
             assert [label for _, label in qs] == ["yes", "no"] * 3
             negatives = [o for o, label in qs if label == "no"]
             assert len(set(negatives)) == 3 and not set(negatives) & set(IMAGES[image])
+
+    def negatives(split: str, image: str) -> list[str]:
+        return [o for o, label in splits[split][image] if label == "no"]
+
     # popular: person 3, car 2, dog 2, then the rest once (ties by name)
-    assert [o for o, l in splits["popular"]["img1.jpg"] if l == "no"] == ["car", "bicycle", "bus"]
-    assert [o for o, l in splits["popular"]["img3.jpg"] if l == "no"] == ["person", "car", "dog"]
-    assert [o for o, l in splits["popular"]["img2.jpg"] if l == "no"] == ["bus", "cat", "couch"]
+    assert negatives("popular", "img1.jpg") == ["car", "bicycle", "bus"]
+    assert negatives("popular", "img3.jpg") == ["person", "car", "dog"]
+    assert negatives("popular", "img2.jpg") == ["bus", "cat", "couch"]
     # adversarial: person co-occurs with car and dog twice; dog with person twice, then bicycle
-    adv = [o for o, l in splits["adversarial"]["img1.jpg"] if l == "no"]
+    adv = negatives("adversarial", "img1.jpg")
     assert adv[:2] == ["car", "bicycle"] and adv[2] in {"bus", "cat", "couch", "tv"}  # frisbee: random fallback
-    assert [o for o, l in splits["adversarial"]["img4.jpg"] if l == "no"][:2] == ["dog", "bicycle"]
+    assert negatives("adversarial", "img4.jpg")[:2] == ["dog", "bicycle"]
     # the files are valid POPE question files: perfect answers score 1
     questions = pope.load_questions(tmp_path / "out" / "coco_pope_random.json")
     scores = pope.score(questions, {q.question_id: q.label.capitalize() for q in questions})
@@ -333,7 +379,9 @@ def test_build_splits_follow_pope_sampling(tmp_path, capsys):
 
 def test_build_is_seeded_and_reads_simple_jsonl(tmp_path):
     coco = pope.load_object_images(coco_instances(tmp_path / "instances.json"))
-    simple = pope.load_object_images(write_jsonl(tmp_path / "objects.jsonl", [{"image": k, "objects": v} for k, v in IMAGES.items()]))
+    simple = pope.load_object_images(
+        write_jsonl(tmp_path / "objects.jsonl", [{"image": k, "objects": v} for k, v in IMAGES.items()])
+    )
     assert coco == simple
     runs = [pope.build_splits(simple, 3, seed) for seed in (0, 0, 1, 2, 3, 4)]
     assert runs[0] == runs[1]

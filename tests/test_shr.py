@@ -40,7 +40,9 @@ def test_format_regions_normalises_boxes():
 
 
 def test_judge_prompt_holds_regions_facts_and_numbered_sentences():
-    prompt = shr.build_judge_prompt("[0.1, 0.1, 0.4, 0.3]: a dog\n", ["There is one dog.", "It is brown."], ["A dog", "A cat"])
+    prompt = shr.build_judge_prompt(
+        "[0.1, 0.1, 0.4, 0.3]: a dog\n", ["There is one dog.", "It is brown."], ["A dog", "A cat"]
+    )
     assert "[0.1, 0.1, 0.4, 0.3]: a dog\n" in prompt
     assert "There is one dog.\nIt is brown.\n" in prompt
     assert prompt.endswith("1. A dog\n2. A cat\n")
@@ -49,7 +51,9 @@ def test_judge_prompt_holds_regions_facts_and_numbered_sentences():
 
 def test_parse_judgement():
     sentences = ["A dog", "A cat", "It is sunny"]
-    reply = "Sure.\n**Judgement:**\n1. Correct: region 1 shows a dog.\n\n2) hallucination: no cat\n3. cannot judge: weather"
+    reply = (
+        "Sure.\n**Judgement:**\n1. Correct: region 1 shows a dog.\n\n2) hallucination: no cat\n3. cannot judge: weather"
+    )
     verdict = shr.parse_judgement(7, reply, sentences)
     assert verdict.status == "labelled"
     assert [(s.sentence, s.label, s.reason) for s in verdict.sentences] == [
@@ -61,9 +65,13 @@ def test_parse_judgement():
     assert [s.label for s in unparseable.sentences] == ["correct", None, "cannot judge"]
     assert unparseable.unparseable == 1
     assert shr.parse_judgement(7, "Judgement:\n1. correct: x\n2. correct: y", sentences).status == "count_mismatch"
-    assert shr.parse_judgement(7, "Judgement:\n1. correct\n3. correct\n2. correct", sentences).status == "count_mismatch"
+    assert (
+        shr.parse_judgement(7, "Judgement:\n1. correct\n3. correct\n2. correct", sentences).status == "count_mismatch"
+    )
     assert shr.parse_judgement(7, "1. correct\n2. correct\n3. correct", sentences).status == "no_judgement"
-    assert shr.parse_judgement(7, "Judgement: 1. correct: a\n2. correct: b\n3. correct: c", sentences).status == "labelled"
+    assert (
+        shr.parse_judgement(7, "Judgement: 1. correct: a\n2. correct: b\n3. correct: c", sentences).status == "labelled"
+    )
 
 
 def test_metrics_by_hand():
@@ -174,7 +182,8 @@ REGIONS = {
     7: (100, 100, [(5, 5, 20, 20, "a chair")]),
 }
 DESCRIPTIONS = {
-    "1": "A brown dog plays with a red ball. A cat sleeps on the sofa. The atmosphere is calm. A brown dog plays with a red ball.",
+    "1": "A brown dog plays with a red ball. A cat sleeps on the sofa. The atmosphere is calm. "
+    "A brown dog plays with a red ball.",
     "2": "A white horse RATE stands in a field. Two people ride bikes.",
     "3": "A tall tree grows. MALFORMED birds sing.",
     "4": "A blue car parks. MISMATCH a man walks.",
@@ -190,19 +199,35 @@ def shr_inputs(tmp_path: Path) -> tuple[Path, Path]:
     (shr_dir / "val_images_final.json").write_text(json.dumps([{"image_id": i} for i in REGIONS]))
     (shr_dir / "shr_factual_part1.jsonl").write_text(json.dumps({"1": ["The dog is brown."]}) + "\n")
     (shr_dir / "shr_factual_part2.jsonl").write_text(json.dumps({"2": ["The horse is white.", "It stands."]}) + "\n")
-    (vg_dir / "image_data.json").write_text(json.dumps([
-        {"image_id": i, "width": w, "height": h, "url": f"https://x/VG_100K/{i}.jpg"} for i, (w, h, _) in REGIONS.items()
-    ]))
-    (vg_dir / "region_descriptions.json").write_text(json.dumps([
-        {"id": i, "regions": [{"region_id": 10 * i + j, "image_id": i, "x": x, "y": y, "width": rw, "height": rh, "phrase": p}
-                              for j, (x, y, rw, rh, p) in enumerate(regions)]}
-        for i, (_, _, regions) in REGIONS.items()
-    ]))
+    (vg_dir / "image_data.json").write_text(
+        json.dumps(
+            [
+                {"image_id": i, "width": w, "height": h, "url": f"https://x/VG_100K/{i}.jpg"}
+                for i, (w, h, _) in REGIONS.items()
+            ]
+        )
+    )
+    (vg_dir / "region_descriptions.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": i,
+                    "regions": [
+                        {"region_id": 10 * i + j, "image_id": i, "x": x, "y": y, "width": rw, "height": rh, "phrase": p}
+                        for j, (x, y, rw, rh, p) in enumerate(regions)
+                    ],
+                }
+                for i, (_, _, regions) in REGIONS.items()
+            ]
+        )
+    )
     return shr_dir, vg_dir
 
 
 def client(url: str, cache: Path | None, **overrides) -> JudgeClient:
-    config = dict(url=url, model="judge-1", timeout_s=0.4, max_retries=2, backoff_s=0.01, concurrency=3, cache_path=cache)
+    config = dict(
+        url=url, model="judge-1", timeout_s=0.4, max_retries=2, backoff_s=0.01, concurrency=3, cache_path=cache
+    )
     return JudgeClient(JudgeConfig(**{**config, **overrides}))
 
 
@@ -214,10 +239,14 @@ def test_run_shr_against_local_judge(tmp_path, fake_judge):
     # 5 images asked (image 6 has no sentence), plus one retry after the 429 and one after the timeout
     assert len(fake_judge.requests) == 7
     assert all(r["model"] == "judge-1" and r["temperature"] == 0.7 for r in fake_judge.requests)
-    prompt_1 = next(r["messages"][0]["content"] for r in fake_judge.requests if "brown dog plays" in r["messages"][0]["content"])
+    prompt_1 = next(
+        r["messages"][0]["content"] for r in fake_judge.requests if "brown dog plays" in r["messages"][0]["content"]
+    )
     assert "[0.0, 0.0, 0.5, 0.5]: a brown dog\n[0.5, 0.5, 1.0, 1.0]: a red ball\n" in prompt_1
     assert "The dog is brown.\n" in prompt_1
-    assert prompt_1.endswith("1. A brown dog plays with a red ball\n2. A cat sleeps on the sofa\n3. The atmosphere is calm\n")
+    assert prompt_1.endswith(
+        "1. A brown dog plays with a red ball\n2. A cat sleeps on the sofa\n3. The atmosphere is calm\n"
+    )
 
     # by hand: image 1 correct/hallucination/cannot judge (8, 6, 4 words); image 2 correct (8) /
     # hallucination (4); image 3 correct (4) / unparseable (3); image 4 count mismatch (4, 4);
@@ -247,8 +276,26 @@ def test_cli_with_api_key(tmp_path, fake_judge, monkeypatch, capsys):
     descriptions = tmp_path / "descriptions.json"
     descriptions.write_text(json.dumps({"1": DESCRIPTIONS["1"], "3": DESCRIPTIONS["3"]}))
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-secret-123")
-    argv = ["eval", "shr", "judge", "--descriptions", descriptions, "--shr-dir", shr_dir, "--vg-dir", vg_dir,
-            "--out", tmp_path / "out", "--judge-url", fake_judge.url, "--judge-model", "m", "--api-key-env", "TEST_JUDGE_KEY", "--json"]
+    argv = [
+        "eval",
+        "shr",
+        "judge",
+        "--descriptions",
+        descriptions,
+        "--shr-dir",
+        shr_dir,
+        "--vg-dir",
+        vg_dir,
+        "--out",
+        tmp_path / "out",
+        "--judge-url",
+        fake_judge.url,
+        "--judge-model",
+        "m",
+        "--api-key-env",
+        "TEST_JUDGE_KEY",
+        "--json",
+    ]
     assert main(list(map(str, argv))) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["label_counts"] == {"hallucination": 1, "correct": 2, "cannot judge": 1}

@@ -58,10 +58,20 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
             "with --labels DIR holding coco_pope_{category}.json."
         ),
     )
-    score.add_argument("--answers", action="append", required=True, metavar="FILE",
-                       help="answers JSON lines with question_id and text (or answer); repeat per --questions")
-    score.add_argument("--questions", action="append", required=True, metavar="FILE",
-                       help="question file paired with the --answers at the same position")
+    score.add_argument(
+        "--answers",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="answers JSON lines with question_id and text (or answer); repeat per --questions",
+    )
+    score.add_argument(
+        "--questions",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="question file paired with the --answers at the same position",
+    )
     score.add_argument("--labels", metavar="DIR", help="label files for LLaVA's combined question file")
     score.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
     score.set_defaults(handler=run_pope_score)
@@ -76,8 +86,12 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
             "coco_pope_{random,popular,adversarial}.json (JSON lines)."
         ),
     )
-    build.add_argument("--annotations", required=True, metavar="FILE",
-                       help="COCO instances_*.json, or JSON lines of {\"image\", \"objects\"}")
+    build.add_argument(
+        "--annotations",
+        required=True,
+        metavar="FILE",
+        help='COCO instances_*.json, or JSON lines of {"image", "objects"}',
+    )
     build.add_argument("--images", type=int, required=True, metavar="N", help="number of images to sample")
     build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     build.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -90,7 +104,8 @@ def run_pope_score(args: argparse.Namespace) -> int:
 
     if len(args.answers) != len(args.questions):
         raise UserError(
-            f"give one --answers per --questions ({len(args.answers)} answers files, {len(args.questions)} question files)"
+            f"give one --answers per --questions "
+            f"({len(args.answers)} answers files, {len(args.questions)} question files)"
         )
     scores = {}
     for answers_path, questions_path in zip(args.answers, args.questions):
@@ -137,14 +152,19 @@ def add_chair_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPar
         description=(
             "CHAIR_s (descriptions with a hallucinated object), CHAIR_i (hallucinated object "
             "mentions) and object recall, against COCO instance + caption annotations or JSON "
-            "lines of {\"image_id\", \"objects\"}."
+            'lines of {"image_id", "objects"}.'
         ),
     )
-    chair.add_argument("--captions", required=True, metavar="FILE",
-                       help="JSON lines (or array) of {\"image_id\", \"caption\"}")
-    chair.add_argument("--annotations", required=True, nargs="+", metavar="PATH",
-                       help="a COCO annotations directory, instances_*.json / captions_*.json files, "
-                            "or objects JSON lines")
+    chair.add_argument(
+        "--captions", required=True, metavar="FILE", help='JSON lines (or array) of {"image_id", "caption"}'
+    )
+    chair.add_argument(
+        "--annotations",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="a COCO annotations directory, instances_*.json / captions_*.json files, or objects JSON lines",
+    )
     chair.add_argument("--synonyms", metavar="FILE", help="CHAIR synonym list (default: the COCO list shipped)")
     chair.add_argument("--json", action="store_true", help="print metrics and per-caption hallucinations as JSON")
     chair.set_defaults(handler=run_chair)
@@ -163,8 +183,12 @@ def run_chair(args: argparse.Namespace) -> int:
     rows = [
         ("CHAIR_s", "CHAIR_i", "recall", "captions", "mentions", "hallucinated"),
         (
-            f"{100 * report.chair_s:.2f}", f"{100 * report.chair_i:.2f}", f"{100 * report.recall:.2f}",
-            str(report.captions), str(report.mentions), str(report.hallucinated_mentions),
+            f"{100 * report.chair_s:.2f}",
+            f"{100 * report.chair_i:.2f}",
+            f"{100 * report.recall:.2f}",
+            str(report.captions),
+            str(report.mentions),
+            str(report.hallucinated_mentions),
         ),
     ]
     print(_table(rows))
@@ -189,10 +213,12 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
             "nothing twice."
         ),
     )
-    judge.add_argument("--descriptions", required=True, metavar="FILE",
-                       help="JSON object {\"<VG image id>\": \"description\", ...}")
-    judge.add_argument("--shr-dir", required=True, metavar="DIR",
-                       help="val_images_final.json and shr_factual_part*.jsonl")
+    judge.add_argument(
+        "--descriptions", required=True, metavar="FILE", help='JSON object {"<VG image id>": "description", ...}'
+    )
+    judge.add_argument(
+        "--shr-dir", required=True, metavar="DIR", help="val_images_final.json and shr_factual_part*.jsonl"
+    )
     judge.add_argument("--vg-dir", required=True, metavar="DIR", help="image_data.json and region_descriptions.json")
     judge.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_judge_arguments(judge)
@@ -203,12 +229,18 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     """The judge endpoint options (shared by every command that asks a judge)."""
-    parser.add_argument("--judge-url", required=True, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1")
+    parser.add_argument(
+        "--judge-url", required=True, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1"
+    )
     parser.add_argument("--judge-model", required=True, metavar="NAME", help="judge model name, e.g. gpt-4")
     parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
     parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default 4)")
-    parser.add_argument("--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default 5)")
-    parser.add_argument("--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)")
+    parser.add_argument(
+        "--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default 5)"
+    )
+    parser.add_argument(
+        "--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)"
+    )
 
 
 def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConfig:
@@ -219,8 +251,12 @@ def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConf
 
     try:
         return JudgeConfig(
-            url=args.judge_url, model=args.judge_model, api_key_env=args.api_key_env,
-            concurrency=args.judge_concurrency, max_retries=args.judge_retries, timeout_s=args.judge_timeout,
+            url=args.judge_url,
+            model=args.judge_model,
+            api_key_env=args.api_key_env,
+            concurrency=args.judge_concurrency,
+            max_retries=args.judge_retries,
+            timeout_s=args.judge_timeout,
             cache_path=cache_path,
         )
     except ValidationError as err:
@@ -240,14 +276,22 @@ def run_shr_judge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
-    print(_table([
-        ("SHR", "images", "sentences/img", "words/img", "hal sent/img", "hal words/img", "unlabelled"),
-        (
-            f"{metrics['shr']:.2f}", str(metrics["images"]), f"{metrics['sentences_per_image']:.2f}",
-            f"{metrics['words_per_image']:.2f}", f"{metrics['hal_sentences_per_image']:.2f}",
-            f"{metrics['hal_words_per_image']:.2f}", str(sum(metrics["unlabelled_images"].values())),
-        ),
-    ]))
+    print(
+        _table(
+            [
+                ("SHR", "images", "sentences/img", "words/img", "hal sent/img", "hal words/img", "unlabelled"),
+                (
+                    f"{metrics['shr']:.2f}",
+                    str(metrics["images"]),
+                    f"{metrics['sentences_per_image']:.2f}",
+                    f"{metrics['words_per_image']:.2f}",
+                    f"{metrics['hal_sentences_per_image']:.2f}",
+                    f"{metrics['hal_words_per_image']:.2f}",
+                    str(sum(metrics["unlabelled_images"].values())),
+                ),
+            ]
+        )
+    )
     return 0
 
 

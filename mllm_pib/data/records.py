@@ -8,6 +8,7 @@ bad record can be reported precisely. Bad records are counted against a
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mllm_pib.data.images import ImageResolver
 from mllm_pib.errors import UserError
-from mllm_pib.io import read_json, read_jsonl
+from mllm_pib.io import read_json, read_text
 
 # HA-DPO draws the description prompt from a small set of instructions.
 DESCRIPTION_PROMPTS = (
@@ -112,7 +113,7 @@ def read_pope_data(path: str | Path, images: ImageResolver, budget: BadRecordBud
 
 def read_generic(path: str | Path, images: ImageResolver, budget: BadRecordBudget) -> Iterator[PreferencePair]:
     """JSON lines ``{"image", "prompt", "chosen", "rejected"}``; ``image`` relative to the image root."""
-    for index, entry in enumerate(read_jsonl(path)):
+    for index, entry in _json_lines(path, budget):
         fields = _fields(entry, ("image", "prompt", "chosen", "rejected"), path, index, budget)
         if fields is None:
             continue
@@ -121,6 +122,19 @@ def read_generic(path: str | Path, images: ImageResolver, budget: BadRecordBudge
 
 
 READERS = {"desc": read_desc_data, "pope": read_pope_data, "generic": read_generic}
+
+
+def _json_lines(path, budget: BadRecordBudget) -> Iterator[tuple[int, object]]:
+    """(record index, parsed value) per non-blank line; unparseable lines count as bad records."""
+    index = 0
+    for line in read_text(path).split("\n"):
+        if not line.strip():
+            continue
+        try:
+            yield index, json.loads(line)
+        except json.JSONDecodeError as err:
+            budget.skip(str(path), index, f"malformed JSON: {err.msg} (column {err.colno})")
+        index += 1
 
 
 def _fields(entry, names, path, index, budget) -> tuple | None:

@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from mllm_pib.errors import UserError
 from mllm_pib.io import read_json_records, read_text
@@ -58,29 +58,37 @@ _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 _IRREGULAR = {
     "men": "man", "children": "child", "mice": "mouse", "geese": "goose", "teeth": "tooth", "feet": "foot",
-    "oxen": "ox", "lice": "louse", "dice": "die", "cacti": "cactus", "fungi": "fungus",
-    "octopi": "octopus", "criteria": "criterion", "phenomena": "phenomenon", "knives": "knife",
-    "wives": "wife", "lives": "life", "leaves": "leaf", "shelves": "shelf", "halves": "half",
-    "calves": "calf", "wolves": "wolf", "loaves": "loaf", "scarves": "scarf", "hooves": "hoof",
-    "thieves": "thief", "elves": "elf", "selves": "self", "tvs": "tv", "skis": "ski",
-    "taxis": "taxi", "kiwis": "kiwi", "bikinis": "bikini", "menus": "menu", "emus": "emu",
+    "oxen": "ox", "lice": "louse", "dice": "die", "cacti": "cactus", "fungi": "fungus", "octopi": "octopus",
+    "criteria": "criterion", "phenomena": "phenomenon", "knives": "knife", "wives": "wife", "lives": "life",
+    "leaves": "leaf", "shelves": "shelf", "halves": "half", "calves": "calf", "wolves": "wolf", "loaves": "loaf",
+    "scarves": "scarf", "hooves": "hoof", "thieves": "thief", "elves": "elf", "selves": "self", "tvs": "tv",
+    "skis": "ski", "taxis": "taxi", "kiwis": "kiwi", "bikinis": "bikini", "menus": "menu", "emus": "emu",
     "lenses": "lens", "gases": "gas", "quizzes": "quiz",
-}
+}  # fmt: skip
 # words that end like plurals but are not, or are their own plural
 _INVARIANT = frozenset(
-    "people police cattle sheep deer fish bison moose aircraft series species scissors pants jeans "
-    "news sports alias atlas canvas christmas pajamas pyjamas whereas overseas bias chaos kudos "
-    "this his yes thus plus".split()
-)
+    {
+        "people", "police", "cattle", "sheep", "deer", "fish", "bison", "moose", "aircraft", "series",
+        "species", "scissors", "pants", "jeans", "news", "sports", "alias", "atlas", "canvas", "christmas",
+        "pajamas", "pyjamas", "whereas", "overseas", "bias", "chaos", "kudos", "this", "his", "yes", "thus",
+        "plus",
+    }
+)  # fmt: skip
 # nouns ending in "ie" whose plural would otherwise become "...y"
 _IE_NOUNS = frozenset(
-    "collie cookie movie hoodie goalie zombie brownie selfie smoothie rookie calorie pixie necktie".split()
-)
+    {
+        "collie", "cookie", "movie", "hoodie", "goalie", "zombie", "brownie", "selfie", "smoothie", "rookie",
+        "calorie", "pixie", "necktie",
+    }
+)  # fmt: skip
 # nouns ending in "o" whose plural takes "es"
 _O_ES_NOUNS = frozenset(
-    "tomato potato hero echo mango mosquito volcano torpedo buffalo domino tornado cargo".split()
-)
-_NOT_PLURAL_MEN = frozenset("amen omen semen specimen abdomen stamen regimen ramen".split())
+    {
+        "tomato", "potato", "hero", "echo", "mango", "mosquito", "volcano", "torpedo", "buffalo", "domino",
+        "tornado", "cargo",
+    }
+)  # fmt: skip
+_NOT_PLURAL_MEN = frozenset({"amen", "omen", "semen", "specimen", "abdomen", "stamen", "regimen", "ramen"})
 
 
 def singularize(word: str) -> str:
@@ -131,7 +139,7 @@ class ChairVocabulary:
         self.pairs = {**pairs, **SPECIAL_PAIRS}
 
     @classmethod
-    def from_file(cls, path: str | Path | None = None) -> "ChairVocabulary":
+    def from_file(cls, path: str | Path | None = None) -> ChairVocabulary:
         """The vocabulary of a synonym file; by default the COCO list shipped with this package
         (the original CHAIR ``synonyms.txt``)."""
         return cls(load_synonyms(DEFAULT_SYNONYMS if path is None else path))
@@ -292,7 +300,10 @@ class ChairReport:
     per_caption: list[CaptionResult] = field(repr=False)
 
     def to_dict(self, per_caption: bool = True) -> dict:
-        out = {k: getattr(self, k) for k in ("chair_s", "chair_i", "recall", "captions", "mentions", "hallucinated_mentions")}
+        out = {
+            k: getattr(self, k)
+            for k in ("chair_s", "chair_i", "recall", "captions", "mentions", "hallucinated_mentions")
+        }
         if per_caption:
             out["per_caption"] = [c.to_dict() for c in self.per_caption]
         return out

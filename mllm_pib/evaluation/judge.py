@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -167,7 +166,7 @@ class JudgeClient:
             if err.code == 429 or err.code >= 500:
                 raise _Transient(f"HTTP {err.code}", _retry_after(err.headers.get("Retry-After"))) from None
             raise JudgeError(f"judge at {endpoint}: HTTP {err.code}: {detail}") from None
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise _Transient(f"timed out after {cfg.timeout_s}s ({err})") from None
         except urllib.error.URLError as err:
             raise _Transient(f"connection failed: {err.reason}") from None

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Iterable, Mapping
+from typing import IO
 
 from mllm_pib.errors import UserError
 from mllm_pib.io import atomic_write_text, read_json_records, read_jsonl, read_text, repair_jsonl_tail
@@ -221,7 +222,7 @@ class AnswerWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "AnswerWriter":
+    def __enter__(self) -> AnswerWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -323,7 +324,8 @@ def check_answer_ids(questions: Iterable[PopeQuestion], answer_ids: Iterable[int
 
 def score(questions: list[PopeQuestion], answers: Mapping[int, str]) -> dict[str, PopeScores]:
     """Score answers paired with questions by id; one :class:`PopeScores` per split, in
-    :data:`SPLITS` order first. Every question must have an answer (see :func:`check_answer_ids`)."""
+    :data:`SPLITS` order first. The answers must cover the questions exactly."""
+    check_answer_ids(questions, answers.keys(), "answers")
     counts: dict[str, Counter] = defaultdict(Counter)
     for q in questions:
         predicted_yes = answer_is_yes(answers[q.question_id])
@@ -457,7 +459,12 @@ def _random_negative(vocabulary: list[str], asked: set[str], rng: random.Random,
 
 def _question(question_id: int, image: str, obj: str, label: str) -> dict:
     article = "an" if obj[:1].lower() in "aeiou" else "a"
-    return {"question_id": question_id, "image": image, "text": f"Is there {article} {obj} in the image?", "label": label}
+    return {
+        "question_id": question_id,
+        "image": image,
+        "text": f"Is there {article} {obj} in the image?",
+        "label": label,
+    }
 
 
 def write_splits(splits: Mapping[str, list[dict]], out_dir: str | Path) -> list[Path]:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Protocol
 
 from mllm_pib.errors import UserError
 from mllm_pib.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -258,7 +259,7 @@ def _load_facts(shr_dir: Path) -> dict[int, list[str]]:
         for lineno, record in enumerate(read_jsonl(path), start=1):
             for key, sentences in record.items():
                 if not key.isdigit() or not isinstance(sentences, list):
-                    raise UserError(f"{path} record {lineno}: expected {{\"<VG image id>\": [sentences]}}")
+                    raise UserError(f'{path} record {lineno}: expected {{"<VG image id>": [sentences]}}')
                 facts[int(key)] = [str(s) for s in sentences]
     return facts
 

@@ -181,6 +181,9 @@ def assemble(
     blip2, vision_tensors = read_blip2_vision(blip2_path)
     variant = infer_variant(blip2, projection["llama_proj.weight"], variant)
     llm, tokenizer = load_llm(llm_path, dtype)
+    # MiniGPT-4 keeps its frozen Q-Former in eval mode ("disabled_train"): no dropout, ever.
+    blip2.qformer_config.hidden_dropout_prob = 0.0
+    blip2.qformer_config.attention_probs_dropout_prob = 0.0
     config = MiniGPT4Config(
         variant=variant,
         vision_config=blip2.vision_config,

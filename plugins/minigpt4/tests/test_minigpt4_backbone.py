@@ -162,6 +162,20 @@ def test_v1_projects_the_qformer_output(backbones):
         assert (features.projected[0] - features.projected[1]).abs().max() > 1e-3
 
 
+def test_train_mode_changes_nothing(backbones):
+    """MiniGPT-4 never trains with dropout in its frozen vision side (Q-Former included)."""
+    backbone = backbones["v1"]
+    inputs, ids, mask = batch(backbone)
+    with torch.no_grad():
+        reference = contract_logits(backbone, inputs, ids, mask)
+        backbone.train()
+        try:
+            again = contract_logits(backbone, inputs, ids, mask)
+        finally:
+            backbone.eval()
+    torch.testing.assert_close(again, reference, atol=0, rtol=0)
+
+
 # --- template -----------------------------------------------------------------------------------
 
 
@@ -303,6 +317,9 @@ def test_assembled_model_equals_direct_model(tmp_path, variant, ln_vision, shard
     backbone = load(None, blip2_path=tmp_path / "blip2", proj_path=tmp_path / "minigpt4.pth",
                     llm_path=tmp_path / "llm", feature="projected")
     assert backbone.variant == variant  # inferred from llama_proj's width
+    if variant == "v1":  # the frozen Q-Former never drops out, in train mode neither
+        assert backbone.model.config.qformer_config.hidden_dropout_prob == 0.0
+        assert backbone.model.config.qformer_config.attention_probs_dropout_prob == 0.0
     vocab = len(tokenizer)
     assert backbone.image_token_id == vocab and len(backbone.tokenizer) == vocab + 1
     direct = direct_model(variant, blip2, llama, proj, backbone.image_token_id, vocab)
