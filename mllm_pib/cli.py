@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "mllm_pib.commands.export",
     "mllm_pib.commands.tiny_model",
     "mllm_pib.commands.eval",
+    "mllm_pib.commands.generate",
+    "mllm_pib.commands.ui",
 )
 
 

@@ -62,7 +62,7 @@ class Bootstrap(Strict):
 
 class TrainConfig(Strict):
     backbone: str
-    model: str
+    model: str | None = Field(default=None, description="base model path (None: backbone options assemble it)")
     backbone_options: dict[str, Any] = Field(default_factory=dict)
     data: list[DataSource] = Field(min_length=1)
     pib: PIBOptions = Field(default_factory=PIBOptions)

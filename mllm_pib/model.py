@@ -62,6 +62,13 @@ class PIBModel(nn.Module):
         # Set by `keep_reference_head` when lm_head trains: the reference keeps the original.
         self.ref_lm_head: nn.Module | None = None
 
+    def train(self, mode: bool = True) -> "PIBModel":
+        """Only the block follows ``mode``: the backbone stays in eval mode (no dropout in
+        frozen parts, and policy and reference see the same backbone function)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device

@@ -43,8 +43,27 @@ def _show_help_without_subcommand(parser: argparse.ArgumentParser) -> None:
 
 def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``eval pope`` and its sub-commands; returns the ``pope`` parser."""
-    pope = groups.add_parser("pope", help="POPE: score answers, build question splits")
-    _show_help_without_subcommand(pope)
+    pope = groups.add_parser(
+        "pope",
+        help="POPE: answer with a model and score; score answers; build question splits",
+        description=(
+            "With --model: answer POPE questions with a backbone (+ PIB) in batches (greedy, left "
+            "padding, each answer stopped at its first sentence end), append answers as they come "
+            "(a rerun resumes), then score. Runs sharded under torchrun --nproc_per_node N. "
+            "Sub-commands score an existing answers file or build question splits."
+        ),
+    )
+    add_model_arguments(pope, required=False)
+    pope.add_argument("--questions", metavar="FILE|DIR", help="POPE question file, or a directory of them")
+    pope.add_argument("--images", metavar="DIR", help="image directory (file names as in the questions)")
+    pope.add_argument("--out", metavar="DIR", help="output directory for answers and scores")
+    pope.add_argument("--labels", metavar="DIR", help="label files for LLaVA's combined question file")
+    pope.add_argument("--style", choices=("hadpo", "llava"), default="hadpo",
+                      help="hadpo: the raw question (as HA-DPO scored); llava: add the single-word instruction")
+    pope.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    pope.add_argument("--max-new-tokens", type=int, default=64, help="cap per answer (default 64)")
+    pope.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
+    pope.set_defaults(handler=lambda args: run_pope_model(args) if args.model else pope.print_help() or 2)
     commands = pope.add_subparsers(dest="pope_command", metavar="COMMAND")
 
     score = commands.add_parser(
@@ -97,6 +116,42 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     build.add_argument("--out", required=True, metavar="DIR", help="output directory")
     build.set_defaults(handler=run_pope_build)
     return pope
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--backbone/--model/--pib and loading options, shared by every model-driven command."""
+    parser.add_argument("--backbone", required=required, help="backbone name (see `mllm-pib backbones`)")
+    parser.add_argument("--model", required=required, metavar="PATH", help="base model, or an exported model directory")
+    parser.add_argument("--pib", metavar="CKPT", help="PIB checkpoint (default: none, the base model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
+    parser.add_argument("--device", help="device, e.g. cuda:0 (default: cuda:LOCAL_RANK when available, else cpu)")
+
+
+def load_cli_model(args: argparse.Namespace):
+    import os
+
+    import torch
+
+    from mllm_pib.checkpoint import load_model
+
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    options = {"device": device, **({"dtype": args.dtype} if args.dtype else {})}
+    return load_model(args.model, backbone=args.backbone, pib=args.pib, **options)
+
+
+def run_pope_model(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation.runner import GenerationSettings, distributed
+    from mllm_pib.evaluation.suite import evaluate_pope
+
+    for flag in ("questions", "images", "out"):
+        if getattr(args, flag) is None:
+            raise UserError(f"eval pope with --model needs --{flag}")
+    model = load_cli_model(args)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_at_sentence_end=True)
+    report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels, settings=settings)
+    if distributed()[0] == 0:
+        print(json.dumps(report, indent=2) if args.json else format_pope_table(report))
+    return 0
 
 
 def run_pope_score(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from mllm_pib.plugins import get_backbone
 def bootstrap(config: TrainConfig) -> None:
     """Create the tiny model and synthetic data a self-contained config asks for, if absent."""
     boot = config.bootstrap
-    if boot.tiny_model and not (Path(config.model) / "config.json").is_file():
+    if boot.tiny_model and config.model and not (Path(config.model) / "config.json").is_file():
         print(f"bootstrap: writing a tiny random {config.backbone} model to {config.model}")
         get_backbone(config.backbone).write_tiny(config.model, seed=boot.seed)
     if boot.synthetic_scenes and boot.data_dir and not all(Path(s.path).exists() for s in config.data):
@@ -48,6 +48,9 @@ def train(config: TrainConfig, output_dir: str | None = None, resume: bool = Fal
     if output_dir:
         config.training["output_dir"] = output_dir
     args = config.training_arguments()
+    from transformers import set_seed
+
+    set_seed(args.seed)  # the block's initialisation is part of the run's reproducibility
     backbone = get_backbone(config.backbone).load(config.model, **config.backbone_options)
     model = build_model(config, backbone)
     policy = config.freeze_policy()

@@ -164,7 +164,7 @@ def load(
     (or ``write_tiny``), or assembled from the published pieces: ``blip2_path`` (transformers
     BLIP-2 directory), ``proj_path`` (MiniGPT-4 ``.pth`` with ``llama_proj``) and ``llm_path``
     (transformers Vicuna / Llama-2-chat directory); ``variant`` (``v1``/``llama2``) is inferred from
-    ``llama_proj`` when omitted.
+    ``llama_proj`` when omitted; ``model_path`` is then ``None`` (or empty).
 
     Args:
         feature: PIB vision features: ``vit`` (default), ``qformer`` (``v1`` only), ``projected``.
@@ -175,7 +175,7 @@ def load(
     dtype = _resolve_dtype(dtype)
     pieces = {"blip2_path": blip2_path, "proj_path": proj_path, "llm_path": llm_path}
     given = [name for name, value in pieces.items() if value is not None]
-    if model_path is not None:
+    if model_path:
         if given or variant is not None:
             raise UserError(f"pass either a MiniGPT-4 model path ({model_path}) or the pieces "
                             "blip2_path=, proj_path=, llm_path= (with variant=), not both")

@@ -23,8 +23,6 @@ def write_tiny(out_dir, seed=0, **options):
 OPTIONS = {
     "feature": "PIB vision features: vit (ViT after ln_vision, 257x1408, default), qformer "
     "(Q-Former output, 32x768, v1 only) or projected (llama_proj output, 32/64 x H)",
-    "dtype": "model dtype (float32, float16, bfloat16); default: the checkpoint's",
-    "device": "device to put the model on",
     "variant": "v1 (Vicuna, Q-Former) or llama2 (no Q-Former); with the pieces below, "
     "inferred from llama_proj when omitted; for write_tiny, the tiny model's variant",
     "blip2_path": "transformers BLIP-2 checkpoint directory (vision tower, Q-Former, query tokens)",

@@ -32,7 +32,7 @@ def tiny_vision_config(variant: str) -> dict:
 def tiny_qformer_config() -> dict:
     # MiniGPT-4 never runs its frozen Q-Former in train mode: no dropout (BLIP-2's default is 0.1).
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0)
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def tiny_text_config(tokenizer) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from mllm_pib.errors import UserError
+from mllm_pib.plugins import get_backbone
 from mllm_pib.tokenizer import train_tokenizer
 from PIL import Image
 from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
@@ -242,12 +243,13 @@ def test_save_load_round_trip(backbones, tmp_path, variant):
         )
 
 
-def test_plugin_entry_point(tmp_path):
+def test_registered_through_the_entry_point(tmp_path):
     (entry,) = [e for e in importlib.metadata.entry_points(group="mllm_pib") if e.name == "minigpt4"]
-    (spec,) = entry.load().mllm_pib_register_backbones()
-    assert spec.name == "minigpt4" and {"feature", "blip2_path", "proj_path", "llm_path"} <= set(spec.options)
-    spec.write_tiny(tmp_path / "tiny", seed=3, variant="llama2")
-    backbone = spec.load(str(tmp_path / "tiny"), feature="projected")
+    assert entry.value == "mllm_pib_minigpt4.plugin"
+    registered = get_backbone("minigpt4")
+    assert {"feature", "variant", "blip2_path", "proj_path", "llm_path"} <= set(registered.spec.options)
+    registered.write_tiny(str(tmp_path / "tiny"), seed=3, variant="llama2")
+    backbone = registered.load(str(tmp_path / "tiny"), feature="projected", dtype="float32")
     assert backbone.name == "minigpt4" and backbone.variant == "llama2"
     assert backbone.pib_vision_size == backbone.hidden_size == 64
 
@@ -345,8 +347,9 @@ def test_qformer_feature_refused_for_llama2(tiny_dirs):
 
 
 def test_missing_pieces(tmp_path, tiny_dirs):
-    with pytest.raises(UserError, match="missing: blip2_path, proj_path, llm_path"):
-        load(None)
+    for absent in (None, ""):
+        with pytest.raises(UserError, match="missing: blip2_path, proj_path, llm_path"):
+            load(absent)
     with pytest.raises(UserError, match="missing: llm_path"):
         load(None, blip2_path=tmp_path, proj_path=tmp_path / "x.pth")
     with pytest.raises(UserError, match="not both"):
