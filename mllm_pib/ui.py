@@ -266,10 +266,11 @@ class Demo:
             return ""
         if known is None:
             return markdown_escape(f"No annotations or POPE questions name {name}: object words are not checked.")
+        absent = sorted(known.absent) + (["every other object"] if known.complete else [])
         return markdown_escape(
-            f"Object words checked against the {' and '.join(known.sources)} of {name} "
-            f"({len(known.present)} objects known present, {len(known.absent)} known absent"
-            f"{', every other object absent' if known.complete else ''})."
+            f"Object words checked against the {' and '.join(known.sources)} of {name}. "
+            f"In the image: {', '.join(sorted(known.present)) or 'nothing known'}. "
+            f"Not in the image: {', '.join(absent) or 'nothing known'}."
         )
 
 
@@ -297,7 +298,7 @@ def build_app(demo: Demo, title: str = "mllm-pib: base model vs PIB") -> gr.Bloc
         return response.status, response.base, response.pib
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown(f"## {markdown_escape(title)}")
+        gr.Markdown(f"## {title}")
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image", file_count="single", type="filepath", elem_id="image-file")

@@ -167,3 +167,16 @@ def test_cli_train_and_unknown_key(tmp_path, tiny_model_dir, hadpo_dir, capsys):
     assert "loss.betta" in err and "beta" in err
     assert main(["train", "--config", str(path), "--set", "training.learning_rat=0.1"]) == 2
     assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backbone", tiny_backbones())
+def test_tiny_config_runs_with_nothing_else(backbone, tmp_path, monkeypatch):
+    """configs/tiny/<backbone>.yaml builds its own model and data (relative paths, fresh directory)."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "tiny" / f"{backbone}.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--backbone", backbone, "--config", str(config), "--set", "training.max_steps=2",
+                 "--set", "bootstrap.synthetic_scenes=6"]) == 0
+    assert (tmp_path / f"runs/tiny/{backbone}-pib/model.safetensors").is_file()
+    assert (tmp_path / "runs/tiny/data/hadpo/desc_data.json").is_file()

@@ -92,14 +92,17 @@ def load_original(path: Path, *, vision_tower: str | None, dtype: torch.dtype):
         vision_feature_select_strategy="default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
     state = _mapped_state(read_state_dict(path), len(tokenizer))
     tower = CLIPVisionModel.from_pretrained(tower_path)
     state.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not match LLaVA-1.5 (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        # from_pretrained with a state dict allocates no random weights first and keeps buffers
+        model = LlavaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"{path}: weights do not match LLaVA-1.5: {err}") from None
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise UserError(f"{path}: weights missing from the checkpoint: {', '.join(missing[:5])}")
     image_processor = CLIPImageProcessor.from_pretrained(tower_path)
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,

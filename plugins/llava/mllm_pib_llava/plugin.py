@@ -28,6 +28,7 @@ def mllm_pib_register_backbones():
             options={
                 "feature": "PIB vision features: clip (layer -2, CLS dropped; default) | projector",
                 "vision_tower": "CLIP tower directory for original (liuhaotian) checkpoints",
+                "corpus": "tiny models only: texts the tokenizer is trained on (default: a small built-in corpus)",
             },
             write_tiny=_write_tiny,
         )
