@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from mllm_pib import __version__
@@ -38,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_chatter() -> None:
+    """DeepSpeed announces its accelerator on stdout at import; stdout is ours (tables, JSON)."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "accelerator" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_chatter()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):

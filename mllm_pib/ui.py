@@ -304,7 +304,7 @@ def build_app(demo: Demo, title: str = "mllm-pib: base model vs PIB") -> gr.Bloc
                 upload = gr.File(label="Image", file_count="single", type="filepath", elem_id="image-file")
                 preview = gr.Image(label="Preview", interactive=False, height=240, elem_id="preview")
                 mode = gr.Radio([ASK, DESCRIBE], value=ASK, label="Task", elem_id="mode")
-                prompt = gr.Textbox(label="Question", lines=2, elem_id="prompt")
+                prompt = gr.Textbox(label="Question (for \"Ask a question\")", lines=2, max_lines=6, elem_id="prompt")
                 submit = gr.Button("Submit", variant="primary", elem_id="submit")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")

@@ -66,6 +66,7 @@ def test_cli_eval_pope_scores_by_split(pope_world, tiny_model_dir, tmp_path, cap
     root, image_dir = pope_world
     args = ["eval", "pope", "--backbone", "llava", "--model", tiny_model_dir("llava"), "--questions", str(root / "pope"),
             "--images", str(image_dir), "--out", str(tmp_path / "out"), "--max-new-tokens", "4", "--json"]
+    capsys.readouterr()  # drop what building the tiny model printed
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report) == ["random", "popular", "adversarial", "mean_f1"]
@@ -91,3 +92,77 @@ def test_torchrun_two_processes_equal_one(pope_world, tiny_model_dir, tmp_path):
     name = "answers_coco_pope_adversarial.jsonl"
     assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
     assert json.loads((tmp_path / "two" / "pope.json").read_text()) == json.loads((tmp_path / "one" / "pope.json").read_text())
+
+
+def test_cli_eval_shr_describes_with_the_model_then_judges(tmp_path, tiny_model_dir, capsys):
+    from PIL import Image
+    from test_shr import REGIONS, FakeJudge, shr_inputs
+
+    shr_dir, vg_dir = shr_inputs(tmp_path)
+    (vg_dir / "VG_100K").mkdir()
+    for i in REGIONS:
+        Image.new("RGB", (40 + i, 40), (30 * i, 100, 50)).save(vg_dir / "VG_100K" / f"{i}.jpg")
+    judge = FakeJudge()
+    try:
+        args = ["eval", "shr", "--backbone", "llava", "--model", tiny_model_dir("llava"), "--shr-dir", str(shr_dir),
+                "--vg-dir", str(vg_dir), "--out", str(tmp_path / "out"), "--num-beams", "2", "--max-new-tokens", "6",
+                "--judge-url", judge.url, "--judge-model", "m", "--json"]
+        capsys.readouterr()  # drop what building the tiny model printed
+        assert main(args) == 0
+    finally:
+        judge.close()
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["described_images"] == len(REGIONS)
+    model = load_model(tiny_model_dir("llava"), backbone="llava")
+    images = [Image.open(vg_dir / "VG_100K" / f"{i}.jpg") for i in REGIONS]
+    expected = model.generate_text(images, ["Describe this image in detail."] * len(images), max_new_tokens=6, num_beams=2)
+    judged = [json.loads(line) for line in (tmp_path / "out" / "judgements.jsonl").read_text().splitlines()]
+    assert [j["description"] for j in judged] == expected
+
+
+def test_eval_run_report_for_two_models(pope_world, tiny_model_dir, tmp_path):
+    import torch
+    import yaml
+
+    from mllm_pib.checkpoint import save_checkpoint
+    from mllm_pib.demo.world import World
+    from mllm_pib.evaluation import chair
+    from mllm_pib.freezing import FreezePolicy
+
+    root, image_dir = pope_world
+    base = load_model(tiny_model_dir("llava"), backbone="llava")
+    with torch.no_grad():
+        for name, param in base.pib.named_parameters():
+            param.add_(1.0 if name.endswith("_gate") else 0.0)
+    save_checkpoint(tmp_path / "pib", base, FreezePolicy.preset("stage1"))
+    scenes = World(5).sample(8, start=500)
+    (tmp_path / "objects.jsonl").write_text("".join(
+        json.dumps({"image_id": s.image_id, "objects": list(s.words)}) + "\n" for s in scenes))
+    words = sorted({w for s in World(5).sample(200) for w in s.words})
+    (tmp_path / "synonyms.txt").write_text("\n".join(words) + "\n")
+    config = {
+        "out": str(tmp_path / "eval"),
+        "models": [
+            {"name": "base", "backbone": "llava", "model": tiny_model_dir("llava")},
+            {"name": "pib", "backbone": "llava", "model": tiny_model_dir("llava"), "pib": str(tmp_path / "pib")},
+        ],
+        "pope": {"questions": str(root / "pope"), "images": str(image_dir), "max_new_tokens": 3},
+        "chair": {"annotations": [str(tmp_path / "objects.jsonl")], "images": str(image_dir),
+                  "image_pattern": "{image_id}.png", "synonyms": str(tmp_path / "synonyms.txt"), "limit": 4,
+                  "max_new_tokens": 6},
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", "run", "--config", str(tmp_path / "eval.yaml")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["models"]) == ["base", "pib"]
+    for name in ("base", "pib"):
+        result = report["models"][name]
+        assert set(result["pope"]) == {"random", "popular", "adversarial", "mean_f1"}
+        described = [json.loads(line) for line in (tmp_path / "eval" / name / "chair" / "descriptions.jsonl").read_text().splitlines()]
+        vocab = chair.ChairVocabulary.from_file(tmp_path / "synonyms.txt")
+        truth = chair.load_ground_truth([tmp_path / "objects.jsonl"], vocab)
+        expected = chair.evaluate([(d["question_id"], d["text"]) for d in described], truth, vocab).to_dict(per_caption=False)
+        assert result["chair"] == expected and result["chair"]["captions"] == 4
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "| base |" in markdown and "| pib |" in markdown and "POPE adversarial F1" in markdown
+    assert (tmp_path / "eval" / "pope.png").stat().st_size > 1000 and (tmp_path / "eval" / "chair.png").is_file()

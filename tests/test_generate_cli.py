@@ -147,8 +147,7 @@ def test_chat_first_turn_from_prompt_and_ends_at_eof(capsys, monkeypatch, llava,
 
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(capsys, monkeypatch, llava, pib, image_path, reference):
     backbone = reference.model.backbone
-    tokens = len(backbone.tokenizer(" apple").input_ids)
-    questions = [(word + " ") * (380 // tokens) for word in ("apple", "table", "house")]
+    questions = [repeat_to_tokens(backbone.tokenizer, word, 380) for word in ("apple", "table", "house")]
     code, records, _ = chat(capsys, monkeypatch, llava, pib, image_path, "\n".join(questions) + "\n",
                             "--max-new-tokens", "8")
     assert code == 0
@@ -159,7 +158,14 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(capsys, monkeypatch, lla
         whole = Conversation(turns[:2]).question_text(turns[2].question)
         assert len(backbone.prompt_ids(whole)) + 8 > 1024  # the whole history does not fit
         kept = Conversation(turns[1:2]).question_text(turns[2].question)
+        assert len(backbone.prompt_ids(kept)) + 8 <= 1024
         assert records[2]["answers"][variant] == reference(kept, bypass, max_new_tokens=8)
+
+
+def repeat_to_tokens(tokenizer, word: str, count: int) -> str:
+    """``word`` repeated to about ``count`` tokens."""
+    per_word = len(tokenizer((word + " ") * 100, add_special_tokens=False).input_ids) / 100
+    return (word + " ") * int(count / per_word)
 
 
 def test_chat_reports_a_bad_turn_and_goes_on(capsys, monkeypatch, llava, pib, image_path, reference):

@@ -32,6 +32,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_pope_parser(groups)
     add_chair_parser(groups)
     add_shr_parser(groups)
+    add_run_parser(groups)
+
+
+def add_run_parser(groups: argparse._SubParsersAction) -> None:
+    run = groups.add_parser(
+        "run",
+        help="evaluate several models on POPE, CHAIR (and SHR) into one report",
+        description="Evaluate a list of (backbone, model, pib) entries on the configured benchmarks; "
+        "writes OUT/report.json, OUT/report.md and PNG charts. See configs/eval/ for examples.",
+    )
+    run.add_argument("--config", required=True, help="YAML evaluation config")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set out=runs/eval2")
+    run.add_argument("--json", action="store_true", help="print report.json")
+    run.set_defaults(handler=run_suite_command)
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    from mllm_pib.config import load_config
+    from mllm_pib.evaluation.report import EvalRunConfig, markdown, run_suite
+
+    report = run_suite(load_config(args.config, args.overrides, model=EvalRunConfig))
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    return 0
 
 
 def _show_help_without_subcommand(parser: argparse.ArgumentParser) -> None:
@@ -255,8 +279,25 @@ def run_chair(args: argparse.Namespace) -> int:
 
 def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``eval shr`` and its ``judge`` sub-command; returns the ``shr`` parser."""
-    shr = groups.add_parser("shr", help="SHR sentence-level hallucination ratio")
-    _show_help_without_subcommand(shr)
+    shr = groups.add_parser(
+        "shr",
+        help="SHR: describe VG images with a model and judge them; or judge given descriptions",
+        description=(
+            "With --model: describe every SHR validation image (beam search, long answers; "
+            "resumable, shardable under torchrun), then judge the descriptions sentence by "
+            "sentence with a judge LLM behind an OpenAI-compatible chat-completions endpoint."
+        ),
+    )
+    add_model_arguments(shr, required=False)
+    shr.add_argument("--shr-dir", metavar="DIR", help="val_images_final.json and shr_factual_part*.jsonl")
+    shr.add_argument("--vg-dir", metavar="DIR", help="image_data.json, region_descriptions.json and the VG images")
+    shr.add_argument("--out", metavar="DIR", help="output directory")
+    shr.add_argument("--num-beams", type=int, default=5, help="beams per description (default 5, as HA-DPO)")
+    shr.add_argument("--max-new-tokens", type=int, default=512, help="cap per description (default 512)")
+    shr.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default 4)")
+    add_judge_arguments(shr, required=False)
+    shr.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    shr.set_defaults(handler=lambda args: run_shr_model(args) if args.model else shr.print_help() or 2)
     commands = shr.add_subparsers(dest="shr_command", metavar="COMMAND")
     judge = commands.add_parser(
         "judge",
@@ -282,12 +323,12 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
     return shr
 
 
-def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+def add_judge_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The judge endpoint options (shared by every command that asks a judge)."""
     parser.add_argument(
-        "--judge-url", required=True, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1"
+        "--judge-url", required=required, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1"
     )
-    parser.add_argument("--judge-model", required=True, metavar="NAME", help="judge model name, e.g. gpt-4")
+    parser.add_argument("--judge-model", required=required, metavar="NAME", help="judge model name, e.g. gpt-4")
     parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
     parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default 4)")
     parser.add_argument(
@@ -318,14 +359,38 @@ def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConf
         raise UserError(f"bad judge options: {err}") from None
 
 
+def run_shr_model(args: argparse.Namespace) -> int:
+    from mllm_pib.data.images import ImageResolver
+    from mllm_pib.evaluation.runner import GenerationSettings, distributed
+    from mllm_pib.evaluation.shr import load_val_image_ids
+    from mllm_pib.evaluation.suite import describe_images
+
+    for flag in ("shr_dir", "vg_dir", "out", "judge_url", "judge_model"):
+        if getattr(args, flag) is None:
+            raise UserError(f"eval shr with --model needs --{flag.replace('_', '-')}")
+    model = load_cli_model(args)
+    resolve = ImageResolver(args.vg_dir)
+    images = {image_id: resolve(image_id) for image_id in load_val_image_ids(args.shr_dir)}
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
+    descriptions = describe_images(model, images, Path(args.out) / "descriptions.jsonl", settings=settings)
+    if distributed()[0] != 0:
+        return 0
+    return judge_and_print(args, descriptions)
+
+
 def run_shr_judge(args: argparse.Namespace) -> int:
-    from mllm_pib.evaluation.judge import JudgeClient
-    from mllm_pib.evaluation.shr import run_shr
     from mllm_pib.io import read_json
 
     descriptions = read_json(args.descriptions)
     if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
         raise UserError(f"{args.descriptions}: expected a JSON object of image id -> description text")
+    return judge_and_print(args, descriptions)
+
+
+def judge_and_print(args: argparse.Namespace, descriptions: dict) -> int:
+    from mllm_pib.evaluation.judge import JudgeClient
+    from mllm_pib.evaluation.shr import run_shr
+
     client = JudgeClient(judge_config(args, Path(args.out) / "judge_cache.jsonl"))
     metrics = run_shr(descriptions, args.shr_dir, args.vg_dir, client, args.out)
     if args.json:

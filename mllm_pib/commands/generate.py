@@ -78,11 +78,18 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
         raise UserError(f"bad decoding options: {problems}") from None
 
 
-def has_pib(args: argparse.Namespace) -> bool:
-    """Whether the model gets a trained PIB: ``--pib``, or an exported model directory."""
+def pib_path(args: argparse.Namespace) -> Path | None:
+    """The trained PIB the model gets: ``--pib``, or the checkpoint of an exported model directory."""
     from mllm_pib.checkpoint import EXPORT_SUBDIR, META_FILE
 
-    return args.pib is not None or (Path(args.model) / EXPORT_SUBDIR / META_FILE).is_file()
+    if args.pib is not None:
+        return Path(args.pib)
+    exported = Path(args.model) / EXPORT_SUBDIR
+    return exported if (exported / META_FILE).is_file() else None
+
+
+def has_pib(args: argparse.Namespace) -> bool:
+    return pib_path(args) is not None
 
 
 def require_pib(args: argparse.Namespace, why: str) -> None:
@@ -97,8 +104,25 @@ def load_from_args(args: argparse.Namespace):
     """The :class:`~mllm_pib.model.PIBModel` that :func:`add_model_arguments` options name."""
     from mllm_pib.checkpoint import load_model
 
+    check_pib_backbone(args)
     options = {key: getattr(args, key) for key in ("dtype", "device") if getattr(args, key)}
     return load_model(args.model, backbone=args.backbone, pib=args.pib, **options)
+
+
+def check_pib_backbone(args: argparse.Namespace) -> None:
+    """Refuse a PIB trained on another backbone before anything loads (the backbone would
+    otherwise be loaded with the PIB's options, e.g. a feature it does not know)."""
+    from mllm_pib.checkpoint import read_checkpoint
+
+    path = pib_path(args)
+    if path is None:
+        return
+    trained_on = read_checkpoint(path)[2].get("base_model", {}).get("backbone")
+    if trained_on != args.backbone:
+        raise UserError(
+            f"{path}: this PIB was trained for backbone {trained_on!r} but --backbone is {args.backbone!r}; "
+            "use the PIB with the backbone and base model it was trained on"
+        )
 
 
 # ---------------------------------------------------------------------------- command

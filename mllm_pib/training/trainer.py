@@ -1,49 +1,221 @@
 """``PIBTrainer``: ``transformers.Trainer`` with the preference step as its loss.
 
-Gradient accumulation, mixed precision, DeepSpeed, ``report_to``, logging, save steps and
-resume all come from ``Trainer``; this class only computes the loss, averages the objective's
-metrics over each logging window (as TRL does) and saves/loads checkpoints in the PIB format
-(trained weights only).
+Gradient accumulation, mixed precision, DDP (``torchrun``), DeepSpeed ZeRO, ``report_to``,
+logging, save steps and resume all come from ``Trainer``; this class computes the loss, averages
+the objective's metrics over each logging window and over processes (as TRL does), saves and
+loads checkpoints in the PIB format (trained weights only), and makes runs crash-safe:
+
+- resuming picks the newest *complete* ``checkpoint-N`` (a run killed while saving leaves an
+  incomplete one, which is skipped and removed);
+- a non-finite loss, or non-finite trained weights at a save, stop every process with an error
+  naming the step and the pairs, before anything is written over the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Trainer
 
 from mllm_pib.checkpoint import load_parts, read_checkpoint, save_checkpoint
+from mllm_pib.errors import UserError
 from mllm_pib.training.preference import PreferenceStep
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+
+
+class NonFiniteError(UserError):
+    """The loss or the trained weights became NaN or infinite."""
+
+
+class PreferenceModule(nn.Module):
+    """The preference step as the forward of a module that owns the PIB model.
+
+    DDP synchronises gradients only for a forward run through its wrapper, and DeepSpeed hooks
+    its engine's forward, so the step must be a module call rather than a plain function call.
+    """
+
+    def __init__(self, step: PreferenceStep):
+        from transformers import PreTrainedConfig
+
+        super().__init__()
+        self.model = step.model
+        self.step = step
+        # DeepSpeed's "auto" bucket sizes are derived from the model config's hidden size
+        self.config = PreTrainedConfig(hidden_size=step.model.backbone.hidden_size)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.step(batch)
 
 
 class PIBTrainer(Trainer):
-    def __init__(self, *args, step: PreferenceStep, policy, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.step = step
+    """Args: ``model`` (the :class:`~mllm_pib.model.PIBModel` that ``step`` trains), ``step``,
+    ``policy`` (what trains, hence what checkpoints keep), and ``Trainer``'s keyword arguments."""
+
+    def __init__(self, model, *, step: PreferenceStep, policy, **kwargs):
+        if step.model is not model:
+            raise ValueError("the preference step must train the model given to the trainer")
+        super().__init__(model=PreferenceModule(step), **kwargs)
+        self.pib_model = model
         self.policy = policy
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        with _gathered(list(model.backbone.parameters())):  # its fingerprint samples the weights
+            self._identity = model.backbone.identity()
+
+    # --- training ---------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``resume_from_checkpoint=True`` resumes from the newest complete checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._checkpoint_to_resume()
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.step(inputs)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at step {self.state.global_step} on pairs {inputs['pair_ids']}; "
-                "the last saved checkpoint is intact — lower the learning rate or check these examples"
-            )
+        loss, metrics = model(inputs)
+        self._stop_if_non_finite(loss, inputs["pair_ids"])
         for name, value in metrics.items():
             self._metrics[name].append(float(value))
         return (loss, metrics) if return_outputs else loss
 
+    def _stop_if_non_finite(self, loss: torch.Tensor, pair_ids: list[str]) -> None:
+        """Every process learns of a non-finite loss on any process and stops (a lone raise
+        would leave the others waiting in the gradient all-reduce)."""
+        from accelerate.utils import gather_object
+
+        finite = bool(torch.isfinite(loss.detach()).all())
+        failures = self.accelerator.reduce(torch.tensor(float(not finite), device=loss.device), reduction="sum")
+        if failures.item() == 0:
+            return
+        bad_pairs = gather_object(list(pair_ids) if not finite else [])
+        raise NonFiniteError(
+            f"training stopped: non-finite loss at step {self.state.global_step + 1} on the pairs "
+            f"{', '.join(bad_pairs)}. {self._kept_checkpoint()} Lower training.learning_rate (or "
+            "set training.max_grad_norm), or fix or remove these pairs, then resume with --resume."
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:
-            logs.update({name: sum(v) / len(v) for name, v in self._metrics.items()})
+            names = sorted(self._metrics)
+            local = torch.tensor([sum(self._metrics[n]) / len(self._metrics[n]) for n in names], device=self.args.device)
+            averaged = self.accelerator.reduce(local, reduction="mean")  # a collective: every process logs
+            logs.update({name: value.item() for name, value in zip(names, averaged)})
             self._metrics.clear()
         super().log(logs, start_time)
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        save_checkpoint(output_dir or self.args.output_dir, self.model, self.policy)
+    # --- checkpoints ------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3 only the trained parameters are gathered (every process takes part): the
+        frozen backbone stays partitioned, where ``Trainer`` would gather the whole model."""
+        if not self.is_deepspeed_enabled:
+            return super().save_model(output_dir, _internal_call)
+        with _gathered([p for p in self.pib_model.parameters() if p.requires_grad]):
+            self._save(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Writes the PIB checkpoint from the live parameters (whole here under every engine)."""
+        if self.args.should_save:
+            save_checkpoint(output_dir or self.args.output_dir, self.pib_model, self.policy,
+                            extra={"base_model": self._identity})
+
+    def _save_checkpoint(self, model, trial) -> None:
+        bad = self._non_finite_parameters()
+        if bad:
+            raise NonFiniteError(
+                f"training stopped: the trained weights became non-finite at step {self.state.global_step} "
+                f"(e.g. {', '.join(bad[:3])}); checkpoint-{self.state.global_step} was not written. "
+                f"{self._kept_checkpoint()} Lower training.learning_rate, then resume with --resume."
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _non_finite_parameters(self) -> list[str]:
+        """Names of trained parameters holding NaN/inf on any process (ZeRO-3: each checks its shard)."""
+        bad = [
+            name for name, param in self.pib_model.named_parameters()
+            if param.requires_grad and not torch.isfinite(getattr(param, "ds_tensor", param).detach()).all()
+        ]
+        count = self.accelerator.reduce(torch.tensor(float(len(bad)), device=self.args.device), reduction="sum")
+        return bad or (["(on another process)"] if count.item() else [])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         _, state, _ = read_checkpoint(resume_from_checkpoint)
-        load_parts(model or self.model, state, resume_from_checkpoint)
+        load_parts(self.pib_model, state, resume_from_checkpoint)
+
+    def _checkpoint_to_resume(self) -> str:
+        out = Path(self.args.output_dir)
+        checkpoints = sorted_checkpoints(out)
+        complete = next((c for c in reversed(checkpoints) if checkpoint_problem(c) is None), None)
+        if complete is None:
+            found = "; ".join(f"{c.name}: {checkpoint_problem(c)}" for c in checkpoints) or "none"
+            raise UserError(
+                f"{out}: no complete checkpoint to resume from (checkpoints found: {found}); "
+                "start without --resume, or point --output-dir at the run to continue"
+            )
+        newer = [c for c in checkpoints if step_of(c) > step_of(complete)]
+        self.accelerator.wait_for_everyone()  # every process has chosen before anything is removed
+        for broken in newer:
+            print(f"resume: {broken} is incomplete ({checkpoint_problem(broken)}); removing it")
+            if self.args.should_save:
+                shutil.rmtree(broken, ignore_errors=True)
+        print(f"resume: continuing from {complete}")
+        return str(complete)
+
+    def _kept_checkpoint(self) -> str:
+        checkpoints = [c for c in sorted_checkpoints(Path(self.args.output_dir)) if checkpoint_problem(c) is None]
+        if not checkpoints:
+            return "No checkpoint had been saved yet."
+        return f"The last good checkpoint, {checkpoints[-1]}, is intact."
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(CHECKPOINT_DIR.match(checkpoint.name).group(1))
+
+
+def sorted_checkpoints(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` directories of a run, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    return sorted((p for p in output_dir.iterdir() if CHECKPOINT_DIR.match(p.name) and p.is_dir()), key=step_of)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from, or ``None`` when it is complete.
+
+    ``Trainer`` writes the model, the optimizer, the RNG states and, last, ``trainer_state.json``;
+    the PIB files are each replaced atomically with their metadata last. A parseable trainer
+    state for this step plus a readable PIB checkpoint therefore means a finished save.
+    """
+    state_file = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{TRAINER_STATE} is missing"
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE} is unreadable ({err})"
+    if state.get("global_step") != step_of(checkpoint):
+        return f"{TRAINER_STATE} is for step {state.get('global_step')}"
+    try:
+        read_checkpoint(checkpoint)
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def _gathered(params: list[nn.Parameter]):
+    """A context where ``params`` are whole, also when ZeRO-3 partitioned them (a collective)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+__all__ = ["PIBTrainer", "PreferenceModule", "NonFiniteError", "checkpoint_problem", "sorted_checkpoints"]

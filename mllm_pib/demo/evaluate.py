@@ -1,0 +1,53 @@
+"""Evaluate one model of the demo — the base model (identity PIB) or base + trained PIB — with
+the project's model-driven benchmarks: POPE answers and scores, then CHAIR of greedy
+descriptions of the held-out images against their ground-truth objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mllm_pib.demo.config import EvalConfig
+from mllm_pib.demo.data import SeedData
+from mllm_pib.io import atomic_write_json
+
+POPE_ANSWER_TOKENS = 16  # "No, there is no flag." and a margin; answers stop at their first "."
+
+
+def evaluate_model(
+    model_path: str | Path,
+    backbone: str,
+    pib: str | Path | None,
+    data: SeedData,
+    settings: EvalConfig,
+    out_dir: str | Path,
+) -> dict:
+    """``{"pope": {split: metrics, ..., "mean_f1"}, "chair": {chair_s, chair_i, recall, ...}}``;
+    answers, descriptions and per-description CHAIR details are written under ``out_dir``."""
+    from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation import chair
+    from mllm_pib.evaluation.runner import GenerationSettings
+    from mllm_pib.evaluation.suite import describe_images, evaluate_pope
+
+    out = Path(out_dir)
+    model = load_model(str(model_path), backbone=backbone, pib=str(pib) if pib else None)
+    pope_report = evaluate_pope(
+        model, data.pope_dir, data.eval_image_dir, out / "pope",
+        settings=GenerationSettings(
+            max_new_tokens=POPE_ANSWER_TOKENS, batch_size=settings.batch_size, stop_at_sentence_end=True
+        ),
+    )
+    descriptions = describe_images(
+        model, data.chair_images, out / "descriptions.jsonl",
+        settings=GenerationSettings(max_new_tokens=settings.max_description_tokens, batch_size=settings.batch_size),
+    )
+    vocab = chair.ChairVocabulary.from_file(data.chair_synonyms)
+    truth = chair.load_ground_truth([data.chair_annotations], vocab)
+    chair_report = chair.evaluate(sorted(descriptions.items()), truth, vocab)
+    atomic_write_json(out / "chair.json", chair_report.to_dict())
+    return {"pope": pope_report, "chair": chair_report.to_dict(per_caption=False)}
+
+
+def read_log_history(run_dir: str | Path) -> list[dict]:
+    """The trainer's logged entries (``log_history.json`` of a ``mllm-pib train`` run)."""
+    return json.loads((Path(run_dir) / "log_history.json").read_text())

@@ -1,0 +1,206 @@
+"""``mllm-pib eval run``: several models on the same benchmarks, one report.
+
+The config lists (backbone, model, pib) entries and the benchmarks to run (POPE on its splits,
+CHAIR, and SHR when a judge is configured). Each model's outputs go to ``out/<name>/`` (answers
+and descriptions are resumable); the comparison goes to ``report.json``, ``report.md`` and PNG
+charts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mllm_pib.errors import UserError
+from mllm_pib.evaluation.runner import GenerationSettings
+from mllm_pib.io import atomic_write_json, atomic_write_text
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    name: str
+    backbone: str
+    model: str
+    pib: str | None = None
+    options: dict = Field(default_factory=dict)
+
+
+class PopeSection(Strict):
+    questions: str
+    images: str
+    labels: str | None = None
+    style: str = "hadpo"
+    batch_size: int = 8
+    max_new_tokens: int = 64
+
+
+class ChairSection(Strict):
+    annotations: list[str] = Field(min_length=1, description="COCO instance/caption files or an objects jsonl")
+    images: str
+    image_pattern: str = Field(default="COCO_val2014_{image_id:012d}.jpg", description="file name of an image id")
+    synonyms: str | None = None
+    limit: int | None = Field(default=None, gt=0, description="describe only the first N annotated images")
+    prompt: str = "Describe this image in detail."
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    batch_size: int = 8
+
+
+class JudgeSection(Strict):
+    url: str
+    model: str
+    api_key_env: str | None = None
+    concurrency: int = 4
+
+
+class ShrSection(Strict):
+    shr_dir: str
+    vg_dir: str
+    judge: JudgeSection
+    num_beams: int = 5
+    max_new_tokens: int = 512
+    batch_size: int = 4
+
+
+class EvalRunConfig(Strict):
+    out: str
+    models: list[ModelEntry] = Field(min_length=1)
+    pope: PopeSection | None = None
+    chair: ChairSection | None = None
+    shr: ShrSection | None = None
+
+
+def run_suite(config: EvalRunConfig) -> dict:
+    """Evaluate every model on every configured benchmark; returns and writes the report."""
+    from mllm_pib.checkpoint import load_model
+
+    names = [entry.name for entry in config.models]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval run: model names must be unique, got {names}")
+    out = Path(config.out)
+    report: dict = {"models": {}}
+    for entry in config.models:
+        model = load_model(entry.model, backbone=entry.backbone, pib=entry.pib, **entry.options)
+        report["models"][entry.name] = {
+            "backbone": entry.backbone, "model": entry.model, "pib": entry.pib,
+            **evaluate_model(model, config, out / entry.name),
+        }
+        del model
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    plot(report, out)
+    return report
+
+
+def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
+    from mllm_pib.evaluation.suite import evaluate_pope
+
+    results: dict = {}
+    if config.pope:
+        p = config.pope
+        settings = GenerationSettings(max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, stop_at_sentence_end=True)
+        results["pope"] = evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels,
+                                        settings=settings)
+    if config.chair:
+        results["chair"] = evaluate_chair(model, config.chair, out / "chair")
+    if config.shr:
+        results["shr"] = evaluate_shr(model, config.shr, out / "shr")
+    return results
+
+
+def evaluate_chair(model, section: ChairSection, out: Path) -> dict:
+    from mllm_pib.evaluation import chair
+    from mllm_pib.evaluation.suite import describe_images
+
+    vocab = chair.ChairVocabulary.from_file(section.synonyms)
+    truth = chair.load_ground_truth(section.annotations, vocab)
+    ids = sorted(truth)[: section.limit]
+    images = {i: Path(section.images) / section.image_pattern.format(image_id=i) for i in ids}
+    settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
+                                  batch_size=section.batch_size)
+    captions = describe_images(model, images, out / "descriptions.jsonl", prompt=section.prompt, settings=settings)
+    result = chair.evaluate(sorted(captions.items()), truth, vocab)
+    atomic_write_json(out / "chair.json", result.to_dict())
+    return result.to_dict(per_caption=False)
+
+
+def evaluate_shr(model, section: ShrSection, out: Path) -> dict:
+    from mllm_pib.data.images import ImageResolver
+    from mllm_pib.evaluation.judge import JudgeClient, JudgeConfig
+    from mllm_pib.evaluation.shr import load_val_image_ids, run_shr
+    from mllm_pib.evaluation.suite import describe_images
+
+    resolve = ImageResolver(section.vg_dir)
+    images = {i: resolve(i) for i in load_val_image_ids(section.shr_dir)}
+    settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
+                                  batch_size=section.batch_size)
+    descriptions = describe_images(model, images, out / "descriptions.jsonl", settings=settings)
+    judge = JudgeClient(JudgeConfig(**section.judge.model_dump(), cache_path=out / "judge_cache.jsonl"))
+    return run_shr(descriptions, section.shr_dir, section.vg_dir, judge, out)
+
+
+def markdown(report: dict) -> str:
+    """A table: one row per model, one column per metric and split."""
+    rows = {name: flat_metrics(result) for name, result in report["models"].items()}
+    columns = list(dict.fromkeys(key for metrics in rows.values() for key in metrics))
+    lines = ["# Hallucination evaluation", "", "| model | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, metrics in rows.items():
+        cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "POPE and CHAIR figures are percentages; SHR is hallucinated sentences per 100 judged."]
+    return "\n".join(lines) + "\n"
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for split, scores in result.get("pope", {}).items():
+        if split == "mean_f1":
+            metrics["POPE mean F1"] = 100 * scores
+        else:
+            metrics[f"POPE {split} F1"] = 100 * scores["f1"]
+            metrics[f"POPE {split} acc"] = 100 * scores["accuracy"]
+            metrics[f"POPE {split} yes"] = 100 * scores["yes_ratio"]
+    if "chair" in result:
+        metrics["CHAIR_s"] = 100 * result["chair"]["chair_s"]
+        metrics["CHAIR_i"] = 100 * result["chair"]["chair_i"]
+        metrics["CHAIR recall"] = 100 * result["chair"]["recall"]
+    if "shr" in result:
+        metrics["SHR"] = result["shr"]["shr"]
+    return metrics
+
+
+def plot(report: dict, out: Path) -> list[Path]:
+    """One grouped bar chart per benchmark family (POPE F1 by split; CHAIR)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = {name: flat_metrics(result) for name, result in report["models"].items()}
+    for title, prefix, filename in (("POPE F1 by split", "POPE ", "pope.png"), ("CHAIR", "CHAIR", "chair.png")):
+        columns = [c for c in dict.fromkeys(k for m in rows.values() for k in m)
+                   if c.startswith(prefix) and (prefix != "POPE " or c.endswith(" F1"))]
+        if not columns:
+            continue
+        fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 2, 3.5))
+        width = 0.8 / len(rows)
+        for i, (name, metrics) in enumerate(rows.items()):
+            xs = [j + i * width for j in range(len(columns))]
+            ax.bar(xs, [metrics.get(c, 0.0) for c in columns], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))], columns, fontsize=8)
+        ax.set_ylabel("%")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        tmp = out / f".{filename}.tmp.png"
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(out / filename)
+        written.append(out / filename)
+    return written
