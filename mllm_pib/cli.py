@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "mllm_pib.commands.eval",
     "mllm_pib.commands.generate",
     "mllm_pib.commands.ui",
+    "mllm_pib.commands.demo",
 )
 
 

@@ -33,6 +33,19 @@ class AnswerScores:
         return self.logps / self.counts.clamp(min=1)
 
 
+@dataclass
+class PairHidden:
+    """Hidden states of the answer rows of a pair batch and what scoring them needs."""
+
+    hidden: torch.Tensor  # [2B, L, H]
+    labels: torch.Tensor  # [2B, L] answer tokens, IGNORE_INDEX elsewhere
+    text_mask: torch.Tensor  # [2B, L]
+    rows: torch.Tensor  # [2B] pair index of each row
+
+    def vision(self, vision: VisionFeatures) -> VisionFeatures:
+        return vision.map(lambda t: t[self.rows])
+
+
 class PIBModel(nn.Module):
     """A backbone plus a post-interaction block.
 
@@ -114,6 +127,38 @@ class PIBModel(nn.Module):
             return self.reference_head()(hidden)
         hidden = self.pib(hidden, vision.pib, vision.pib_mask, text_mask=attention_mask)
         return self.backbone.lm_head(hidden)
+
+    def pair_hidden(self, batch: dict, vision: VisionFeatures, shared_prefix: bool = True) -> "PairHidden":
+        """Backbone hidden states of every answer row of a pair batch (see
+        :class:`~mllm_pib.data.dataset.PreferenceCollator`), with labels aligned to them.
+
+        With ``shared_prefix`` (backbones with a KV cache), image + prompt run through the
+        decoder once per pair and both answers continue from that cache; the rows then hold
+        only what scoring needs: the last prompt position (it predicts the first answer token)
+        and the answer positions — or the whole sequence for a block that attends over the
+        text. Otherwise each row runs whole. Both give the same hidden states and log-probs.
+        """
+        bb = self.backbone
+        n_pairs = batch["prompt_ids"].shape[0]
+        rows = torch.arange(n_pairs, device=batch["prompt_ids"].device).repeat(2)  # chosen rows, rejected rows
+        prompt_ids, prompt_mask = batch["prompt_ids"][rows], batch["prompt_mask"][rows]
+        answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
+        answer_labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
+        mask = torch.cat([prompt_mask, answer_mask], 1)
+        if not (shared_prefix and hasattr(bb, "new_cache")):
+            ids = torch.cat([prompt_ids, answer_ids], 1)
+            hidden = self.backbone_hidden(ids, mask, vision.map(lambda t: t[rows]))
+            labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_labels], 1)
+            return PairHidden(hidden, labels, mask, rows)
+        cache = bb.new_cache()
+        prompt = bb.lm_forward(bb.embed(batch["prompt_ids"]), vision, batch["prompt_mask"], cache,
+                               image_mask=batch["prompt_ids"] == bb.image_token_id)
+        cache.reorder_cache(rows)  # one copy of the prompt's cache per answer row
+        answers = bb.lm_forward(bb.embed(answer_ids), None, mask, cache).hidden
+        keep = 1 if self.pib.config.position_wise else prompt_ids.shape[1]
+        hidden = torch.cat([prompt.hidden[rows, -keep:], answers], 1)
+        labels = torch.cat([torch.full_like(prompt_ids[:, -keep:], IGNORE_INDEX), answer_labels], 1)
+        return PairHidden(hidden, labels, mask[:, -labels.shape[1]:], rows)
 
     def score_answers(
         self,

@@ -38,6 +38,7 @@ HALLUCINATED = "not in image"
 CONFIRMED = "in image"
 COLOR_MAP = {HALLUCINATED: "red", CONFIRMED: "green"}
 ASK = "Ask a question"
+MAX_UPLOAD = "50mb"  # Gradio refuses larger uploads; images are further limited in pixels when decoded
 DESCRIBE = "Describe the image"
 # CHAIR's word rule (letters/digits, hyphenated words whole), matched on the original text so
 # that the spans index it.
@@ -323,6 +324,9 @@ def build_app(demo: Demo, title: str = "mllm-pib: base model vs PIB") -> gr.Bloc
 def serve(app: gr.Blocks, host: str, port: int) -> None:
     """Serve the page until interrupted."""
     try:
-        app.launch(server_name=host, server_port=port, ssr_mode=False, share=False)
-    except OSError as err:
-        raise UserError(f"cannot serve on {host}:{port}: {err}; choose another --port or --host") from None
+        app.launch(server_name=host, server_port=port, ssr_mode=False, share=False, max_file_size=MAX_UPLOAD)
+    except OSError:
+        raise UserError(
+            f"cannot serve on {host}:{port}: the port is taken or the address cannot be bound; "
+            "choose another --port or --host"
+        ) from None

@@ -22,8 +22,9 @@ def trained_toy(policy="stage1"):
 
 
 def logits(model):
-    batch = toy_batch(model.backbone, pairs=2)  # rows 0 and 1 are the chosen rows of images 0 and 1
-    return model(batch["input_ids"][:2], batch["attention_mask"][:2], batch["vision_inputs"])
+    batch = toy_batch(model.backbone, pairs=2)
+    ids = torch.cat([batch["prompt_ids"], batch["answer_ids"][:2]], 1)  # the chosen rows
+    return model(ids, torch.ones_like(ids), batch["vision_inputs"])
 
 
 @pytest.mark.parametrize("policy", ["stage1", "stage2"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset, pad_rows
+from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset, pad
 from mllm_pib.data.images import ImageError, ImageResolver, open_image
 from mllm_pib.data.records import DESCRIPTION_PROMPTS, BadRecordBudget, read_desc_data, read_generic, read_pope_data
 from mllm_pib.errors import UserError
@@ -106,11 +106,11 @@ def test_open_image_errors(tmp_path):
         open_image(good)
 
 
-def test_pad_rows_masks_answers_only():
-    batch = pad_rows([([1, 2, 3], [7, 8, 2]), ([1, 2], [9, 2])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 7, 8, 2], [1, 2, 9, 2, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, -100, -100, 7, 8, 2], [-100, -100, 9, 2, -100, -100]]
+def test_pad_left_and_right():
+    ids, mask = pad([[1, 2, 3], [4]], pad_id=0, side="left")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[1, 2, 3], [4]], pad_id=0, side="right")
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 class TinyTemplateBackbone:
@@ -150,7 +150,7 @@ def test_dataset_validates_truncates_answers_and_never_the_image(vg, tmp_path, c
     reasons = [reason.split(":")[0] for _, _, reason in budget.skipped]
     assert reasons == ["empty answer", "chosen identical to rejected", "bad image", "over-long"]
     batch = PreferenceCollator(TinyTemplateBackbone())([dataset[0]])
-    assert batch["input_ids"].shape == (2, 9) and batch["pair_ids"] == ["p0"]
-    assert batch["labels"][0].tolist() == [-100] * 7 + [13, 12]
-    assert batch["labels"][1].tolist() == [-100] * 7 + [12, 2]
+    assert batch["prompt_ids"].tolist() == [[1, 99, 99, 99, 99, 2, 2]] and batch["pair_ids"] == ["p0"]
+    assert batch["answer_ids"].tolist() == [[13, 12], [12, 2]]  # chosen row, then rejected row
+    assert batch["answer_mask"].tolist() == [[1, 1], [1, 1]]
     assert batch["vision_inputs"]["pixel_values"].shape == (1, 3)

@@ -46,6 +46,10 @@ def write_jsonl(path: Path, records: list[dict]) -> str:
     return str(path)
 
 
+def pope_question(question_id: int, image: str, obj: str, label: str) -> dict:
+    return {"question_id": question_id, "image": image, "text": f"Is there {obj} in the image?", "label": label}
+
+
 def marked(segments) -> list[tuple[str, str]]:
     return [(text, label) for text, label in segments if label is not None]
 
@@ -73,10 +77,9 @@ def test_annotations_mark_every_unlisted_object(tmp_path):
 
 def test_pope_questions_mark_only_what_they_ask(tmp_path):
     path = write_jsonl(tmp_path / "coco_pope_random.json", [
-        {"question_id": 1, "image": "COCO_val2014_000000000042.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-        {"question_id": 2, "image": "COCO_val2014_000000000042.jpg", "text": "Is there a traffic light in the image?",
-         "label": "no"},
-        {"question_id": 3, "image": "COCO_val2014_000000000099.jpg", "text": "Is there an apple in the image?", "label": "no"},
+        pope_question(1, "COCO_val2014_000000000042.jpg", "a dog", "yes"),
+        pope_question(2, "COCO_val2014_000000000042.jpg", "a traffic light", "no"),
+        pope_question(3, "COCO_val2014_000000000099.jpg", "an apple", "no"),
     ])
     index = ObjectIndex.load(pope_questions=path)
     known = index.lookup("COCO_val2014_000000000042.jpg")
@@ -87,9 +90,7 @@ def test_pope_questions_mark_only_what_they_ask(tmp_path):
 
 def test_both_sources_combine(tmp_path):
     annotations = write_jsonl(tmp_path / "objects.jsonl", [{"image": "a.jpg", "objects": ["person"]}])
-    pope = write_jsonl(tmp_path / "pope.json", [
-        {"question_id": 7, "image": "a.jpg", "text": "Is there a bench in the image?", "label": "no"},
-    ])
+    pope = write_jsonl(tmp_path / "pope.json", [pope_question(7, "a.jpg", "a bench", "no")])
     known = ObjectIndex.load(annotations, pope).lookup("a.jpg")
     assert known.present == {"person"} and known.absent == {"bench"} and known.complete
     assert known.sources == ("object annotations", "POPE questions")
@@ -121,7 +122,8 @@ def test_bad_pope_question_names_file_and_id(tmp_path):
 
 
 def test_bad_annotations_name_the_record(tmp_path):
-    path = write_jsonl(tmp_path / "objects.jsonl", [{"image": "a.jpg", "objects": ["cat"]}, {"image": "b.jpg", "objects": "cat"}])
+    records = [{"image": "a.jpg", "objects": ["cat"]}, {"image": "b.jpg", "objects": "cat"}]
+    path = write_jsonl(tmp_path / "objects.jsonl", records)
     with pytest.raises(UserError, match=r"objects\.jsonl record 2: field 'objects'"):
         ObjectIndex.load(annotations=path)
 
@@ -166,7 +168,8 @@ def text_of(segments) -> str:
 @pytest.mark.parametrize("mode, prompt, question", [(ASK, "What is this?", "What is this?"),
                                                      (DESCRIBE, "ignored", DESCRIBE_PROMPT)])
 def test_demo_answers_are_the_models(mode, prompt, question, model, image_path, tmp_path):
-    index = ObjectIndex.load(annotations=write_jsonl(tmp_path / "o.jsonl", [{"image": "kitchen_0001.jpg", "objects": ["cat"]}]))
+    annotations = write_jsonl(tmp_path / "o.jsonl", [{"image": "kitchen_0001.jpg", "objects": ["cat"]}])
+    index = ObjectIndex.load(annotations=annotations)
     response = Demo(model, DecodingOptions(max_new_tokens=TOKENS), index).respond(str(image_path), mode, prompt)
     expected = expected_answers(model, image_path, question)
     assert expected["base"] != expected["pib"], "the test PIB must change the answer"
@@ -226,6 +229,16 @@ def test_ui_command_refuses_bad_setup(case, extra, message, capsys, llava, pib, 
     err = capsys.readouterr().err
     error = err[err.index("error: "):]  # after any progress bars of the fixtures
     assert message in error and error.count("\n") == 1
+
+
+def test_ui_command_reports_a_taken_port(capsys, llava, pib):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--backbone", "llava", "--model", llava, "--pib", pib, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot serve on 127.0.0.1:{port}: the port is taken" in err
 
 
 # ---------------------------------------------------------------------------- in a browser
@@ -375,6 +388,7 @@ def test_page_compares_answers_marks_objects_and_survives_bad_input(browser, mod
     assert "".join(t for t, _ in base) == expected["base"]
     assert "".join(t for t, _ in pib_answer) == expected["pib"]
     target = normalised(words[0])
-    wanted = [w for w in re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", expected["pib"], re.I | re.A) if normalised(w) == target]
+    answer_words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", expected["pib"], re.IGNORECASE | re.ASCII)
+    wanted = [w for w in answer_words if normalised(w) == target]
     assert marked(pib_answer) == [(w, HALLUCINATED) for w in wanted]
     assert "Running on local URL:  http://127.0.0.1:" in log.read_text()  # loopback by default

@@ -64,19 +64,16 @@ class ToyBackbone(Backbone):
 
 
 def toy_batch(backbone: ToyBackbone, pairs: int = 2, seed: int = 0) -> dict:
-    """A preference batch: [image tokens, prompt, answer] rows, chosen rows then rejected rows."""
+    """A pair batch (see PreferenceCollator): prompts [image tokens + 3 words], 4-token answers."""
     gen = torch.Generator().manual_seed(seed)
     image = [backbone.image_token_id] * backbone.num_patches
-    rows, labels = [], []
-    for _ in range(2 * pairs):
-        prompt = image + torch.randint(1, 10, (3,), generator=gen).tolist()
-        answer = torch.randint(1, 10, (4,), generator=gen).tolist()
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
+    prompts = torch.tensor([image + torch.randint(1, 10, (3,), generator=gen).tolist() for _ in range(pairs)])
+    answers = torch.randint(1, 10, (2 * pairs, 4), generator=gen)
     return {
         "vision_inputs": {"pixel_values": torch.randn(pairs, backbone.num_patches, 3, generator=gen)},
-        "input_ids": torch.tensor(rows),
-        "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long),
-        "labels": torch.tensor(labels),
+        "prompt_ids": prompts,
+        "prompt_mask": torch.ones_like(prompts),
+        "answer_ids": answers,
+        "answer_mask": torch.ones_like(answers),
         "pair_ids": [f"toy:{i}" for i in range(pairs)],
     }

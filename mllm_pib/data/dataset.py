@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 
 from mllm_pib.data.images import ImageError, open_image
 from mllm_pib.data.records import BadRecordBudget, PreferencePair
-from mllm_pib.objectives import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,13 @@ class PreferenceDataset(Dataset):
 
 
 class PreferenceCollator:
-    """Builds ``{"vision_inputs", "input_ids", "attention_mask", "labels", "pair_ids"}``."""
+    """Builds a pair batch: each image once, each prompt once, both answers.
+
+    ``prompt_ids``/``prompt_mask``: ``[B, P]`` left-padded, so every prompt ends at the same
+    position and both answers can continue from one decoder pass over it;
+    ``answer_ids``/``answer_mask``: ``[2B, A]`` right-padded, all chosen answers then all
+    rejected ones (each answer ends with its scored end token).
+    """
 
     def __init__(self, backbone):
         self.backbone = backbone
@@ -85,20 +90,27 @@ class PreferenceCollator:
         vision_inputs = self.backbone.preprocess(
             [example["image"] for example in examples], [item.pair.prompt for item in items]
         )
-        rows = [(i.prompt_ids, i.chosen_ids) for i in items] + [(i.prompt_ids, i.rejected_ids) for i in items]
-        batch = pad_rows(rows, self.backbone.pad_token_id)
-        return {"vision_inputs": vision_inputs, **batch, "pair_ids": [i.pair.pair_id for i in items]}
+        pad_id = self.backbone.pad_token_id
+        prompt_ids, prompt_mask = pad([i.prompt_ids for i in items], pad_id, "left")
+        answers = [i.chosen_ids for i in items] + [i.rejected_ids for i in items]
+        answer_ids, answer_mask = pad(answers, pad_id, "right")
+        return {
+            "vision_inputs": vision_inputs,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask,
+            "pair_ids": [i.pair.pair_id for i in items],
+        }
 
 
-def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``prompt + answer`` rows; labels are the answer tokens only."""
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(rows):
-        n = len(prompt) + len(answer)
-        input_ids[row, :n] = torch.tensor(prompt + answer)
-        attention_mask[row, :n] = 1
-        labels[row, len(prompt) : n] = torch.tensor(answer)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+def pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token rows to one width on ``side``; returns ids and the 0/1 mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask

@@ -19,10 +19,11 @@ from mllm_pib.objectives import preference_loss
 
 
 class PreferenceStep:
-    def __init__(self, model, policy: FreezePolicy, loss: LossConfig):
+    def __init__(self, model, policy: FreezePolicy, loss: LossConfig, shared_prefix: bool = True):
         self.model = model
         self.policy = policy
         self.loss = loss
+        self.shared_prefix = shared_prefix
         # initial weights of trained upstream parts (other than LoRA): the reference keeps them
         self.reference_weights = {
             name: param.detach().clone()
@@ -33,21 +34,19 @@ class PreferenceStep:
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = self.model
         n_pairs = len(batch["pair_ids"])
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         upstream_trains = self.policy.trains_before_pib
 
         with torch.set_grad_enabled(upstream_trains and torch.is_grad_enabled()):
             vision = model.backbone.encode_vision(**batch["vision_inputs"])
-            vision = vision.map(lambda t: torch.cat([t, t]))  # one image, chosen and rejected rows
-            hidden = model.backbone_hidden(ids, mask, vision)
-        policy_scores = model.score_answers(hidden, vision, labels, mask, policy=True)
+            rows = model.pair_hidden(batch, vision, self.shared_prefix)
+        policy_scores = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=True)
 
         with torch.no_grad():
             if upstream_trains:
                 with self._reference_backbone():
-                    vision = model.backbone.encode_vision(**batch["vision_inputs"]).map(lambda t: torch.cat([t, t]))
-                    hidden = model.backbone_hidden(ids, mask, vision)
-            ref_scores = model.score_answers(hidden, vision, labels, mask, policy=False)
+                    vision = model.backbone.encode_vision(**batch["vision_inputs"])
+                    rows = model.pair_hidden(batch, vision, self.shared_prefix)
+            ref_scores = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=False)
 
         pick = (lambda s: s.mean_logps) if self.loss.averaged else (lambda s: s.logps)
         policy_logps, ref_logps = pick(policy_scores), pick(ref_scores)

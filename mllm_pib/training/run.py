@@ -42,12 +42,13 @@ def build_dataset(config: TrainConfig, backbone, budget: BadRecordBudget) -> Pre
 
 def train(config: TrainConfig, output_dir: str | None = None, resume: bool = False) -> Path:
     from mllm_pib.training.preference import PreferenceStep
-    from mllm_pib.training.trainer import PIBTrainer
+    from mllm_pib.training.trainer import PIBTrainer, start_distributed
 
     bootstrap(config)
     if output_dir:
         config.training["output_dir"] = output_dir
     args = config.training_arguments()
+    start_distributed(args)
     from transformers import set_seed
 
     set_seed(args.seed)  # the block's initialisation is part of the run's reproducibility

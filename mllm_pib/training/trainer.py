@@ -174,6 +174,21 @@ class PIBTrainer(Trainer):
         return f"The last good checkpoint, {checkpoints[-1]}, is intact."
 
 
+def start_distributed(args) -> None:
+    """Join the launcher's process group before the backbone loads.
+
+    Under ZeRO-3 ``from_pretrained`` partitions the weights as it loads them (``zero.Init``) and
+    must see every process. ``TrainingArguments`` starts DeepSpeed's communication itself on
+    accelerators; with ``use_cpu`` it starts only ``torch.distributed``, so it is done here.
+    """
+    if not args.deepspeed:
+        return
+    import deepspeed
+
+    _ = args.device  # starts torch.distributed from the launcher's environment
+    deepspeed.init_distributed()  # reuses that group; a no-op when already started
+
+
 def step_of(checkpoint: Path) -> int:
     return int(CHECKPOINT_DIR.match(checkpoint.name).group(1))
 
@@ -218,4 +233,4 @@ def _gathered(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(partitioned)
 
 
-__all__ = ["PIBTrainer", "PreferenceModule", "NonFiniteError", "checkpoint_problem", "sorted_checkpoints"]
+__all__ = ["PIBTrainer", "start_distributed", "PreferenceModule", "NonFiniteError", "checkpoint_problem", "sorted_checkpoints"]
