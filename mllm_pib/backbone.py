@@ -35,18 +35,19 @@ class VisionFeatures:
 
     Attributes:
         pib: ``[B, N, Dv]`` the features the post-interaction block attends to.
-        llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input.
+        llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input (``None`` when
+            read back from a feature cache, where the LLM has already run).
         pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
     """
 
     pib: torch.Tensor
-    llm: torch.Tensor
+    llm: torch.Tensor | None
     pib_mask: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
         """Apply ``fn`` to every tensor (indexing, repeating, moving)."""
-        mask = None if self.pib_mask is None else fn(self.pib_mask)
-        return replace(self, pib=fn(self.pib), llm=fn(self.llm), pib_mask=mask)
+        keep = lambda t: None if t is None else fn(t)  # noqa: E731
+        return replace(self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask))
 
     def repeat_interleave(self, n: int) -> "VisionFeatures":
         """Fan each image out to ``n`` consecutive rows (several answers, beams)."""

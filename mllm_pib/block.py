@@ -171,10 +171,10 @@ class PIBLayer(nn.Module):
         if self.interaction != "none":
             self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
             self.attn = PIBAttention(config)
-            self.attn_gate = nn.Parameter(torch.zeros(()))
+            self.attn_gate = nn.Parameter(torch.zeros(1))  # 1-d: DeepSpeed cannot broadcast 0-d tensors
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = PIBMLP(config)
-        self.mlp_gate = nn.Parameter(torch.zeros(()))
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(

@@ -200,6 +200,11 @@ def load_model(model_path: str, backbone: str | None = None, pib: str | None = N
     name = backbone or base_meta.get("backbone")
     if name is None:
         raise UserError(f"{model_path}: name the backbone (--backbone) for a model without a PIB checkpoint")
+    if base_meta and base_meta.get("backbone") != name:
+        raise UserError(
+            f"{pib}: this PIB was trained for backbone {base_meta.get('backbone')!r} "
+            f"(model {base_meta.get('model_id')!r}), not {name!r}; load it with the backbone it was trained on"
+        )
     if "feature" in base_meta:
         options.setdefault("feature", base_meta["feature"])
     loaded = get_backbone(name).load(model_path, **options)

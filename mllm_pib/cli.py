@@ -14,11 +14,14 @@ import sys
 
 from mllm_pib import __version__
 from mllm_pib.errors import UserError
+from mllm_pib.log import configure as configure_logging
 
 # module path of each command group, in the order ``--help`` lists them
 COMMAND_MODULES = (
     "mllm_pib.commands.backbones",
     "mllm_pib.commands.train",
+    "mllm_pib.commands.cache",
+    "mllm_pib.commands.sweep",
     "mllm_pib.commands.export",
     "mllm_pib.commands.tiny_model",
     "mllm_pib.commands.eval",
@@ -47,6 +50,7 @@ def quiet_library_chatter() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_library_chatter()
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):

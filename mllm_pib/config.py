@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from mllm_pib.block import PIBConfig
 from mllm_pib.errors import UserError
+from mllm_pib.evaluation.report import PopeSection
 from mllm_pib.freezing import PRESETS, FreezePolicy
 
 # The block's options without its widths, which come from the backbone.
@@ -72,6 +73,7 @@ class TrainConfig(Strict):
     max_bad_records: int = Field(default=100, ge=0)
     feature_cache: str | None = None
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    pope: PopeSection | None = Field(default=None, description="POPE evaluation of the trained PIB")
     training: dict[str, Any] = Field(default_factory=dict)
 
     def freeze_policy(self) -> FreezePolicy:
@@ -125,7 +127,17 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"--set {override!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    node[leaf] = parse_value(value)
+
+
+def parse_value(text: str):
+    """A command-line value: numbers as numbers (YAML reads ``1e-3`` as a string), else YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def describe_errors(err: ValidationError, model) -> str:

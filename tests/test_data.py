@@ -57,7 +57,7 @@ def test_pope_data_reject_or_rejected_and_correct_skipped(vg, tmp_path):
         ("Is there a dog?", "No.", "Yes.", 0), ("Is there a cat?", "Yes.", "No.", 1)]
 
 
-def test_generic_jsonl_and_bad_records_within_budget(vg, tmp_path, capsys):
+def test_generic_jsonl_and_bad_records_within_budget(vg, tmp_path, caplog):
     lines = [
         {"image": "VG_100K/1.jpg", "prompt": "What?", "chosen": "A cat.", "rejected": "A dog."},
         {"image": "VG_100K/1.jpg", "prompt": "What?", "chosen": "A cat."},
@@ -67,7 +67,7 @@ def test_generic_jsonl_and_bad_records_within_budget(vg, tmp_path, capsys):
     budget = BadRecordBudget(2)
     pairs = list(read_generic(tmp_path / "g.jsonl", ImageResolver(vg), budget))
     assert len(pairs) == 1 and pairs[0].image == vg / "VG_100K" / "1.jpg"
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"{tmp_path / 'g.jsonl'} record 1: missing field: rejected" in out
     assert "record 2: wrong type" in out
     assert budget.summary() == "2 records skipped (1 missing field, 1 wrong type)"
@@ -129,7 +129,7 @@ class TinyTemplateBackbone:
         return {"pixel_values": torch.stack([torch.tensor(image.getpixel((0, 0)), dtype=torch.float) for image in images])}
 
 
-def test_dataset_validates_truncates_answers_and_never_the_image(vg, tmp_path, capsys):
+def test_dataset_validates_truncates_answers_and_never_the_image(vg, tmp_path):
     from mllm_pib.data.records import PreferencePair
 
     image = vg / "VG_100K" / "1.jpg"

@@ -39,17 +39,24 @@ def add_parser(subparsers) -> None:
                         help="where the pretrained base model is cached (default ~/.cache/mllm-pib)")
     parser.add_argument("--quick", action="store_true",
                         help="a few-second run of every step with tiny sizes (checks the pipeline; numbers mean nothing)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads for torch (default 1: models this small gain little from more, "
+                             "and extra threads slow down badly when other work shares the cores)")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the table")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    import torch
+
     from mllm_pib.demo.config import DemoConfig
     from mllm_pib.demo.pipeline import run_demo
     from mllm_pib.demo.report import format_table
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {args.seeds}")
+    for flag in ("seeds", "threads"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    torch.set_num_threads(args.threads)
     config = DemoConfig.quick() if args.quick else DemoConfig()
     # with --json, stdout carries the report alone; the steps' messages go to stderr
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mllm_pib.commands.options import add_model_arguments, load_model_from_args
 from mllm_pib.errors import UserError
 
 if TYPE_CHECKING:
@@ -142,27 +143,6 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     return pope
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """--backbone/--model/--pib and loading options, shared by every model-driven command."""
-    parser.add_argument("--backbone", required=required, help="backbone name (see `mllm-pib backbones`)")
-    parser.add_argument("--model", required=required, metavar="PATH", help="base model, or an exported model directory")
-    parser.add_argument("--pib", metavar="CKPT", help="PIB checkpoint (default: none, the base model)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="model dtype (default float32)")
-    parser.add_argument("--device", help="device, e.g. cuda:0 (default: cuda:LOCAL_RANK when available, else cpu)")
-
-
-def load_cli_model(args: argparse.Namespace):
-    import os
-
-    import torch
-
-    from mllm_pib.checkpoint import load_model
-
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    options = {"device": device, **({"dtype": args.dtype} if args.dtype else {})}
-    return load_model(args.model, backbone=args.backbone, pib=args.pib, **options)
-
-
 def run_pope_model(args: argparse.Namespace) -> int:
     from mllm_pib.evaluation.runner import GenerationSettings, distributed
     from mllm_pib.evaluation.suite import evaluate_pope
@@ -170,7 +150,7 @@ def run_pope_model(args: argparse.Namespace) -> int:
     for flag in ("questions", "images", "out"):
         if getattr(args, flag) is None:
             raise UserError(f"eval pope with --model needs --{flag}")
-    model = load_cli_model(args)
+    model = load_model_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_at_sentence_end=True)
     report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels, settings=settings)
     if distributed()[0] == 0:
@@ -368,7 +348,7 @@ def run_shr_model(args: argparse.Namespace) -> int:
     for flag in ("shr_dir", "vg_dir", "out", "judge_url", "judge_model"):
         if getattr(args, flag) is None:
             raise UserError(f"eval shr with --model needs --{flag.replace('_', '-')}")
-    model = load_cli_model(args)
+    model = load_model_from_args(args)
     resolve = ImageResolver(args.vg_dir)
     images = {image_id: resolve(image_id) for image_id in load_val_image_ids(args.shr_dir)}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)

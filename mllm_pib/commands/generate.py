@@ -16,12 +16,12 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from mllm_pib.commands.options import add_model_arguments, load_model_from_args
 from mllm_pib.errors import UserError
 
 if TYPE_CHECKING:
     from mllm_pib.chat import Chat, DecodingOptions, Reply
 
-DTYPES = ("float32", "float16", "bfloat16")
 TITLES = {"base": "base", "pib": "PIB"}
 EXIT_WORD = "exit"
 COLUMN_GAP = " | "
@@ -47,16 +47,6 @@ def add_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------- shared options
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options naming the model: backbone, base or exported directory, PIB checkpoint, dtype, device."""
-    parser.add_argument("--backbone", required=True, help="backbone name (see `mllm-pib backbones`)")
-    parser.add_argument("--model", required=True, metavar="PATH",
-                        help="base model directory, or an exported model (base + PIB, see `mllm-pib export`)")
-    parser.add_argument("--pib", metavar="CKPT", help="PIB checkpoint directory (not needed for an exported model)")
-    parser.add_argument("--dtype", choices=DTYPES, help="weight dtype (default: float32)")
-    parser.add_argument("--device", help="device to run on, e.g. cuda or cuda:1 (default: cpu)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,34 +90,6 @@ def require_pib(args: argparse.Namespace, why: str) -> None:
         )
 
 
-def load_from_args(args: argparse.Namespace):
-    """The :class:`~mllm_pib.model.PIBModel` that :func:`add_model_arguments` options name."""
-    from mllm_pib.checkpoint import load_model
-
-    check_pib_backbone(args)
-    options = {key: getattr(args, key) for key in ("dtype", "device") if getattr(args, key)}
-    return load_model(args.model, backbone=args.backbone, pib=args.pib, **options)
-
-
-def check_pib_backbone(args: argparse.Namespace) -> None:
-    """Refuse a PIB trained on another backbone before anything loads (the backbone would
-    otherwise be loaded with the PIB's options, e.g. a feature it does not know)."""
-    from mllm_pib.checkpoint import read_checkpoint
-
-    path = pib_path(args)
-    if path is None:
-        return
-    trained_on = read_checkpoint(path)[2].get("base_model", {}).get("backbone")
-    if trained_on != args.backbone:
-        raise UserError(
-            f"{path}: this PIB was trained for backbone {trained_on!r} but --backbone is {args.backbone!r}; "
-            "use the PIB with the backbone and base model it was trained on"
-        )
-
-
-# ---------------------------------------------------------------------------- command
-
-
 def run(args: argparse.Namespace) -> int:
     from mllm_pib.chat import BASE, PIB, Chat, check_question, read_image
 
@@ -141,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.chat:
         check_question(args.prompt)
     variants = (BASE, PIB) if args.compare else ((PIB,) if has_pib(args) else (BASE,))
-    chat = Chat(load_from_args(args), image, options, variants)
+    chat = Chat(load_model_from_args(args), image, options, variants)
     if not args.chat:
         print_reply(chat.ask(args.prompt), args.json, indent=2)
         return 0

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_pib.commands.generate import (
-    add_decoding_arguments,
-    add_model_arguments,
-    decoding_options,
-    load_from_args,
-    require_pib,
-)
+from mllm_pib.commands.generate import add_decoding_arguments, decoding_options, require_pib
+from mllm_pib.commands.options import add_model_arguments, load_model_from_args
 from mllm_pib.errors import UserError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -53,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     objects = None
     if args.annotations or args.pope_questions:
         objects = ObjectIndex.load(args.annotations, args.pope_questions)
-    demo = Demo(load_from_args(args), options, objects)
+    demo = Demo(load_model_from_args(args), options, objects)
     serve(build_app(demo), args.host, args.port)
     return 0

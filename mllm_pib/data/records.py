@@ -18,6 +18,9 @@ from pathlib import Path
 from mllm_pib.data.images import ImageResolver
 from mllm_pib.errors import UserError
 from mllm_pib.io import read_json, read_text
+from mllm_pib.log import get_logger
+
+logger = get_logger(__name__)
 
 # HA-DPO draws the description prompt from a small set of instructions.
 DESCRIPTION_PROMPTS = (
@@ -56,7 +59,7 @@ class BadRecordBudget:
 
     def skip(self, source: str, index: int | str, reason: str) -> None:
         self.skipped.append((source, index, reason))
-        print(f"warning: skipping {source} record {index}: {reason}")
+        logger.warning(f"skipping {source} record {index}: {reason}")
         if len(self.skipped) > self.limit:
             raise UserError(
                 f"{len(self.skipped)} bad records, more than max_bad_records={self.limit}; the last: "

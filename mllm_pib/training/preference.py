@@ -15,6 +15,7 @@ import torch
 
 from mllm_pib.config import LossConfig
 from mllm_pib.freezing import FreezePolicy, adapters_disabled
+from mllm_pib.model import AnswerScores
 from mllm_pib.objectives import preference_loss
 
 
@@ -34,6 +35,8 @@ class PreferenceStep:
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = self.model
         n_pairs = len(batch["pair_ids"])
+        if batch.get("cached"):
+            return self._cached(batch, n_pairs)
         upstream_trains = self.policy.trains_before_pib
 
         with torch.set_grad_enabled(upstream_trains and torch.is_grad_enabled()):
@@ -48,6 +51,17 @@ class PreferenceStep:
                     rows = model.pair_hidden(batch, vision, self.shared_prefix)
             ref_scores = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=False)
 
+        return self._loss(policy_scores, ref_scores, n_pairs)
+
+    def _cached(self, batch: dict, n_pairs: int):
+        """The same step on a feature-cache batch: the backbone's outputs are read, not computed."""
+        from mllm_pib.training.feature_cache import cached_vision
+
+        hidden = batch["hidden"].to(self.model.backbone.lm_head.weight.dtype)
+        policy_scores = self.model.score_answers(hidden, cached_vision(batch), batch["labels"], batch["text_mask"], policy=True)
+        return self._loss(policy_scores, AnswerScores(batch["ref_logps"], batch["ref_counts"]), n_pairs)
+
+    def _loss(self, policy_scores: AnswerScores, ref_scores: AnswerScores, n_pairs: int):
         pick = (lambda s: s.mean_logps) if self.loss.averaged else (lambda s: s.logps)
         policy_logps, ref_logps = pick(policy_scores), pick(ref_scores)
         chosen_nll = -policy_scores.mean_logps[:n_pairs]

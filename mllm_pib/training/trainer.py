@@ -27,7 +27,10 @@ from transformers import Trainer
 
 from mllm_pib.checkpoint import load_parts, read_checkpoint, save_checkpoint
 from mllm_pib.errors import UserError
+from mllm_pib.log import get_logger
 from mllm_pib.training.preference import PreferenceStep
+
+logger = get_logger(__name__)
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -64,6 +67,9 @@ class PIBTrainer(Trainer):
     def __init__(self, model, *, step: PreferenceStep, policy, **kwargs):
         if step.model is not model:
             raise ValueError("the preference step must train the model given to the trainer")
+        args = kwargs.get("args")
+        if args is not None and args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False  # every trained parameter is used at every step
         super().__init__(model=PreferenceModule(step), **kwargs)
         self.pib_model = model
         self.policy = policy
@@ -161,10 +167,10 @@ class PIBTrainer(Trainer):
         newer = [c for c in checkpoints if step_of(c) > step_of(complete)]
         self.accelerator.wait_for_everyone()  # every process has chosen before anything is removed
         for broken in newer:
-            print(f"resume: {broken} is incomplete ({checkpoint_problem(broken)}); removing it")
+            logger.info(f"resume: {broken} is incomplete ({checkpoint_problem(broken)}); removing it")
             if self.args.should_save:
                 shutil.rmtree(broken, ignore_errors=True)
-        print(f"resume: continuing from {complete}")
+        logger.info(f"resume: continuing from {complete}")
         return str(complete)
 
     def _kept_checkpoint(self) -> str:

@@ -1,0 +1,117 @@
+"""``mllm-pib sweep``: every combination of a grid of config values, from one feature cache.
+
+``--grid learning_rate=2e-7,5e-7 --grid pib.align=mlp,linear`` runs four trainings. Keys are
+config keys (``pib.align``, ``loss.beta``); a bare ``TrainingArguments`` field name
+(``learning_rate``) means ``training.<field>``. When the freeze policy allows it, the frozen
+backbone runs once: a feature cache is built (or reused) and every run trains from it. Runs go
+sequentially or in parallel processes; the results table holds each run's final metrics and
+its POPE scores when the config has a ``pope`` section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mllm_pib.config import TrainConfig, load_config, parse_value
+from mllm_pib.errors import UserError
+from mllm_pib.io import atomic_write_json, atomic_write_text
+
+METRICS = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+
+
+def parse_grid(grids: list[str]) -> dict[str, list]:
+    """``["a.b=1,2", "lr=3"]`` -> ``{"a.b": [1, 2], "training.lr": [3]}`` (values parsed as YAML)."""
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    parsed: dict[str, list] = {}
+    for grid in grids:
+        key, sep, values = grid.partition("=")
+        if not sep or not key or not values:
+            raise UserError(f"--grid {grid!r}: expected key=v1,v2,... (e.g. --grid learning_rate=2e-7,5e-7)")
+        key = f"training.{key}" if key in fields else key
+        parsed[key] = [parse_value(v) for v in values.split(",")]
+    return parsed
+
+
+def run_name(combination: dict) -> str:
+    return "_".join(f"{key.split('.')[-1]}={value}" for key, value in combination.items()) or "base"
+
+
+def run_sweep(config_path: str, grids: list[str], out: str, overrides: list[str] = (), parallel: int = 1) -> list[dict]:
+    grid = parse_grid(grids)
+    combinations = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    out_dir = Path(out)
+    base = load_config(config_path, list(overrides))
+    cache_overrides = shared_cache(config_path, list(overrides), base, combinations, out_dir)
+    runs = []
+    for combination in combinations:
+        sets = [*overrides, *cache_overrides, *(f"{k}={json.dumps(v)}" for k, v in combination.items())]
+        load_config(config_path, sets)  # refuse a bad combination before anything runs
+        runs.append((run_name(combination), combination, sets))
+
+    def launch(run) -> dict:
+        name, combination, sets = run
+        run_dir = out_dir / name
+        command = [sys.executable, "-m", "mllm_pib.cli", "train", "--config", config_path, "--output-dir", str(run_dir)]
+        for value in sets:
+            command += ["--set", value]
+        log = out_dir / f"{name}.log"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as handle:
+            code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT).returncode
+        return {"run": name, **combination, "returncode": code, **final_metrics(run_dir), "log": str(log)}
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        results = list(pool.map(launch, runs))
+    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_text(out_dir / "results.md", results_table(results))
+    return results
+
+
+def shared_cache(config_path: str, overrides: list[str], base: TrainConfig, combinations: list[dict], out_dir: Path) -> list[str]:
+    """Build one feature cache for all runs when nothing upstream of the PIB trains."""
+    if base.freeze_policy().trains_before_pib or any(k.startswith(("data", "model", "backbone", "max_length"))
+                                                    for c in combinations for k in c):
+        return []
+    if base.feature_cache:
+        return []
+    from mllm_pib.training.feature_cache import build_cache
+
+    needs_all = any(load_config(config_path, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in c.items())]).pib.interaction
+                    == "self_attention" for c in combinations)
+    config = load_config(config_path, [*overrides, *(["pib.interaction=self_attention"] if needs_all else [])])
+    cache = out_dir / "feature-cache"
+    build_cache(config, cache, dtype="float32")
+    return [f"feature_cache={cache}"]
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """The last logged value of each objective metric, and POPE F1s when evaluated."""
+    out: dict = {}
+    history = run_dir / "log_history.json"
+    if history.is_file():
+        logs = [entry for entry in json.loads(history.read_text()) if "loss" in entry]
+        if logs:
+            out.update({key: logs[-1][key] for key in METRICS if key in logs[-1]})
+    pope = run_dir / "pope" / "pope.json"
+    if pope.is_file():
+        report = json.loads(pope.read_text())
+        out.update({f"pope_{split}_f1": v["f1"] for split, v in report.items() if split != "mean_f1"})
+        out["pope_mean_f1"] = report["mean_f1"]
+    return out
+
+
+def results_table(results: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in results for k in r if k not in ("log",)))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for result in results:
+        cells = [f"{result[c]:.4g}" if isinstance(result.get(c), float) else str(result.get(c, "")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
