@@ -26,3 +26,30 @@ def tiny_model_dir(tmp_path_factory):
         return made[name]
 
     return make
+
+
+def make_pib(model_dir: str, backbone: str, out) -> str:
+    """A PIB checkpoint whose gates are open, so that it changes the answers."""
+    import torch
+
+    from mllm_pib.checkpoint import load_model, save_checkpoint
+    from mllm_pib.freezing import FreezePolicy
+
+    torch.manual_seed(0)
+    model = load_model(model_dir, backbone=backbone)
+    with torch.no_grad():
+        for name, param in model.pib.named_parameters():
+            if name.endswith("gate"):
+                param.fill_(0.5)
+    save_checkpoint(out, model, FreezePolicy.preset("stage1"))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def llava(tiny_model_dir) -> str:
+    return tiny_model_dir("llava")
+
+
+@pytest.fixture(scope="session")
+def pib(llava, tmp_path_factory) -> str:
+    return make_pib(llava, "llava", tmp_path_factory.mktemp("pib"))

@@ -11,35 +11,13 @@ import torch
 from PIL import Image
 
 from mllm_pib.chat import Conversation, Turn
-from mllm_pib.checkpoint import load_model, save_checkpoint
+from mllm_pib.checkpoint import load_model
 from mllm_pib.cli import main
 from mllm_pib.commands.generate import COLUMN_GAP, side_by_side
-from mllm_pib.freezing import FreezePolicy
+from conftest import make_pib
 
 QUESTION = "Describe this image in detail."
 TOKENS = "12"
-
-
-def make_pib(model_dir: str, backbone: str, out) -> str:
-    """A PIB checkpoint whose gates are open, so that it changes the answers."""
-    torch.manual_seed(0)
-    model = load_model(model_dir, backbone=backbone)
-    with torch.no_grad():
-        for name, param in model.pib.named_parameters():
-            if name.endswith("gate"):
-                param.fill_(0.5)
-    save_checkpoint(out, model, FreezePolicy.preset("stage1"))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_model_dir) -> str:
-    return tiny_model_dir("llava")
-
-
-@pytest.fixture(scope="module")
-def pib(llava, tmp_path_factory) -> str:
-    return make_pib(llava, "llava", tmp_path_factory.mktemp("pib"))
 
 
 @pytest.fixture(scope="module")

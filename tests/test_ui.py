@@ -21,7 +21,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_generate_cli import make_pib
+from conftest import make_pib
 
 from mllm_pib.chat import DecodingOptions
 from mllm_pib.checkpoint import load_model
@@ -129,16 +129,6 @@ def test_bad_annotations_name_the_record(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the demo's logic
-
-
-@pytest.fixture(scope="module")
-def llava(tiny_model_dir) -> str:
-    return tiny_model_dir("llava")
-
-
-@pytest.fixture(scope="module")
-def pib(llava, tmp_path_factory) -> str:
-    return make_pib(llava, "llava", tmp_path_factory.mktemp("pib"))
 
 
 @pytest.fixture(scope="module")
