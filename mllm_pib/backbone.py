@@ -180,6 +180,18 @@ class Backbone(nn.Module):
         return digest.hexdigest()[:16]
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None = torch.float32) -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bfloat16"`` or ``None`` (``default``) -> a dtype; for backbone loaders."""
+    from mllm_pib.errors import UserError
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return default if dtype is None else dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
     """Positions of the last ``length`` tokens, counting only real tokens (left padding)."""
     positions = attention_mask.long().cumsum(-1) - 1

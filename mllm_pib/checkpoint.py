@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from mllm_pib import __version__
 from mllm_pib.block import PIBConfig, PostInteractionBlock
 from mllm_pib.errors import UserError
 from mllm_pib.freezing import FreezePolicy
-from mllm_pib.io import atomic_write_json
+from mllm_pib.io import atomic_directory, atomic_write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "pib_config.json"
@@ -167,19 +166,11 @@ def export_model(pib_path: str | os.PathLike, base: str | os.PathLike, out: str 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: the export directory exists and is not empty; choose a new path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         backbone.save_pretrained(str(tmp))  # the original weights: the reference stays intact
         model = load_checkpoint(pib_path, backbone)
         policy = FreezePolicy.model_validate(meta["freeze_policy"])
         save_checkpoint(tmp / EXPORT_SUBDIR, model, policy, extra={"exported_from": str(pib_path)})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

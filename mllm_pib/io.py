@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +128,35 @@ def _parse_object(line: str, path: Path, lineno: int) -> dict:
     if not isinstance(record, dict):
         raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
     return record
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory whose contents reach ``path`` only if the block succeeds.
+
+    An absent or empty ``path`` becomes the temporary directory in one ``os.replace``. An existing
+    one is swapped out whole with ``replace=True`` (a cache, a model directory); otherwise each
+    written file is moved in with ``os.replace`` and files the block did not write are kept. On
+    error the temporary directory is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+        elif replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            for src in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                dest = target / src.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

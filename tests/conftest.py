@@ -53,3 +53,13 @@ def llava(tiny_model_dir) -> str:
 @pytest.fixture(scope="session")
 def pib(llava, tmp_path_factory) -> str:
     return make_pib(llava, "llava", tmp_path_factory.mktemp("pib"))
+
+
+@pytest.fixture(scope="session")
+def hadpo_dir(tmp_path_factory):
+    """HA-DPO-format data (and VG-style images) of 12 scenes of the synthetic world."""
+    from mllm_pib.demo.world import World, export_dataset
+
+    out = tmp_path_factory.mktemp("hadpo")
+    export_dataset(World(0).sample(12), out, seed=0)
+    return out

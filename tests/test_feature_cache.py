@@ -10,7 +10,7 @@ from mllm_pib.config import load_config
 from mllm_pib.errors import UserError
 from mllm_pib.training.feature_cache import build_cache
 from mllm_pib.training.run import train
-from test_training import hadpo_dir, write_config  # noqa: F401  (fixture)
+from test_training import write_config
 
 
 def losses(out):
@@ -18,7 +18,7 @@ def losses(out):
 
 
 @pytest.fixture
-def config_path(tmp_path, tiny_model_dir, hadpo_dir):  # noqa: F811
+def config_path(tmp_path, tiny_model_dir, hadpo_dir):
     return write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir)
 
 
@@ -43,7 +43,7 @@ def test_half_precision_cache_stays_close(config_path, tmp_path):
     assert losses(plain) == pytest.approx(losses(cached), abs=1e-2)
 
 
-def test_stale_or_mismatched_caches_are_refused(config_path, tmp_path, hadpo_dir, tiny_model_dir):  # noqa: F811
+def test_stale_or_mismatched_caches_are_refused(config_path, tmp_path, hadpo_dir, tiny_model_dir):
     build_cache(load_config(config_path), tmp_path / "cache", dtype="float32")
     with pytest.raises(UserError, match="base_model"):
         train(load_config(config_path, [f"feature_cache={tmp_path / 'cache'}", "backbone_options.feature=projector"]))

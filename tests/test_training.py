@@ -10,16 +10,8 @@ from conftest import tiny_backbones
 from mllm_pib.checkpoint import export_model, load_checkpoint, load_model
 from mllm_pib.cli import main
 from mllm_pib.config import load_config
-from mllm_pib.demo.world import World, export_dataset
 from mllm_pib.plugins import get_backbone
 from mllm_pib.training.run import train
-
-
-@pytest.fixture(scope="session")
-def hadpo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hadpo")
-    export_dataset(World(0).sample(12), out, seed=0)
-    return out
 
 
 def write_config(tmp_path, backbone, model_dir, data_dir, **changes):

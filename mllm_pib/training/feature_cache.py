@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,7 +28,7 @@ from tqdm.auto import tqdm
 from mllm_pib import __version__
 from mllm_pib.backbone import VisionFeatures
 from mllm_pib.errors import UserError
-from mllm_pib.io import atomic_write_json, read_json
+from mllm_pib.io import atomic_directory, atomic_write_json, read_json
 from mllm_pib.log import get_logger
 from mllm_pib.objectives import IGNORE_INDEX
 
@@ -72,9 +69,7 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
     dataset = build_dataset(config, backbone, budget)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PreferenceCollator(backbone))
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, replace=True) as tmp:
         shards, pair_ids, pending = [], [], {}
         for batch in tqdm(loader, desc="caching features", unit="batch"):
             for tensors in _pair_tensors(model, batch, DTYPES[dtype]):
@@ -90,12 +85,6 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
             **cache_key(config, backbone, model), "dtype": dtype, "pairs": len(pair_ids),
             "shard_size": shard_size, "shards": shards, "pair_ids": pair_ids, "skipped": budget.summary(),
         })
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info(f"cached {len(pair_ids)} pairs in {len(shards)} shards at {out_dir}; data: {budget.summary()}")
     return out_dir
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mllm_pib.backbone import DecoderBackbone, PromptTemplate, VisionFeatures
+from mllm_pib.backbone import DecoderBackbone, PromptTemplate, VisionFeatures, resolve_dtype
 from mllm_pib.errors import UserError
-from mllm_pib_instructblip.files import atomic_directory
+from mllm_pib.io import atomic_directory
 
 FEATURES = ("vit", "qformer")
 # LAVIS tokenises the Q-Former instruction to at most this many tokens (``max_txt_len``).
@@ -273,14 +273,3 @@ def read_processor(path: Path, config):
             f"config.json says image_token_index={config.image_token_id}"
         )
     return processor
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise UserError(f"unknown dtype {dtype!r}; use e.g. float32, bfloat16 or float16")
-    return resolved

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_tokenizer
-from mllm_pib_instructblip.files import atomic_directory
+from mllm_pib.io import atomic_directory
 
 IMAGE_TOKEN = "<image>"
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mllm_pib.backbone import DecoderBackbone, PromptTemplate, VisionFeatures
+from mllm_pib.backbone import DecoderBackbone, PromptTemplate, VisionFeatures, resolve_dtype
 from mllm_pib.errors import UserError
 
 # LLaVA v1 conversation template (``conv_vicuna_v1``), single turn.
@@ -113,7 +113,7 @@ def load(
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; expected a llava-hf or original LLaVA-1.5 model directory")
-    dtype = _dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if is_original_layout(path):
         model, processor = load_original(path, vision_tower=vision_tower, dtype=dtype)
     else:
@@ -123,9 +123,3 @@ def load(
         model = model.to(device)
     model.requires_grad_(False)
     return LlavaBackbone(model, processor, feature=feature, model_id=str(model_path))
-
-
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

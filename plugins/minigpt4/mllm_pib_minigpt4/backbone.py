@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mllm_pib.backbone import DecoderBackbone, VisionFeatures
+from mllm_pib.backbone import DecoderBackbone, VisionFeatures, resolve_dtype
 from mllm_pib.errors import UserError
 from torch import nn
 
@@ -136,17 +136,6 @@ class MiniGPT4Backbone(DecoderBackbone):
         save_model_dir(path, self.model, self.tokenizer, self.image_processor)
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.float16``, ``"float16"`` or ``None`` (keep the checkpoint's) -> a dtype or ``None``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise UserError(f"unknown dtype {dtype!r} for the minigpt4 backbone; use e.g. float32, "
-                        "float16 or bfloat16")
-    return resolved
-
-
 def load(
     model_path: str | Path | None = None,
     *,
@@ -172,7 +161,7 @@ def load(
         device: where to put the model.
     """
     check_feature(feature, variant)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, default=None)  # None keeps the checkpoint's
     pieces = {"blip2_path": blip2_path, "proj_path": proj_path, "llm_path": llm_path}
     given = [name for name, value in pieces.items() if value is not None]
     if model_path:

@@ -7,13 +7,11 @@ One directory: ``config.json`` + safetensors of :class:`MiniGPT4ForConditionalGe
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from mllm_pib.errors import UserError
+from mllm_pib.io import atomic_directory
 from transformers import AutoTokenizer
 
 from .configuration import MiniGPT4Config
@@ -27,27 +25,10 @@ def save_model_dir(path: str | Path, model, tokenizer, image_processor) -> None:
     The files are written to a sibling temporary directory first, so an interrupted save never
     leaves a half-written model at ``path``.
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(path, replace=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         image_processor.save_pretrained(staging)
-        _replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``; an existing ``target`` is swapped out and then removed."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, previous / target.name)
-    os.replace(source, target)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def load_model_dir(path: str | Path, dtype: torch.dtype | str | None = None):
