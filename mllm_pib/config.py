@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from mllm_pib.block import PIBConfig
 from mllm_pib.errors import UserError
@@ -76,6 +76,18 @@ class TrainConfig(Strict):
     pope: PopeSection | None = Field(default=None, description="POPE evaluation of the trained PIB")
     training: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("feature_cache")
+    @classmethod
+    def _cache_needs_frozen_inputs(cls, value, info):
+        freeze = info.data.get("freeze", "stage1")
+        policy = FreezePolicy.preset(freeze) if isinstance(freeze, str) else freeze
+        if value and policy.trains_before_pib:
+            raise ValueError(
+                "the cache holds frozen backbone outputs, but the freeze policy trains parts before the "
+                "PIB (LoRA or the projector); drop feature_cache or freeze those parts"
+            )
+        return value
+
     def freeze_policy(self) -> FreezePolicy:
         return FreezePolicy.preset(self.freeze) if isinstance(self.freeze, str) else self.freeze
 
@@ -85,17 +97,36 @@ class TrainConfig(Strict):
 
         from transformers import TrainingArguments
 
-        valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
         for key in self.training:
-            if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=3)
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise UserError(f"training.{key}: not a TrainingArguments field{hint}")
-        args = {"output_dir": "outputs/pib", "remove_unused_columns": False, "report_to": "none", **self.training}
+        training = {key: _typed(key, value, fields[key].default) for key, value in self.training.items()}
+        args = {"output_dir": "outputs/pib", "remove_unused_columns": False, "report_to": "none", **training}
         try:
             return TrainingArguments(**args)
         except (TypeError, ValueError) as err:
             raise UserError(f"training: invalid TrainingArguments: {err}") from None
+
+
+def _typed(key: str, value: Any, default: Any) -> Any:
+    """``value`` checked against the type of a TrainingArguments field's default (the dataclass
+    does not check); numeric strings are converted, as YAML reads ``1e-5`` (no dot) as text."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"training.{key}: expected true or false, got {value!r}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"training.{key}: expected a number, got {value!r}") from None
+            value = int(value) if isinstance(default, int) and value.is_integer() else value
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"training.{key}: expected a number, got {value!r}")
+    return value
 
 
 def load_config(path: str | Path, overrides: list[str] = (), model=TrainConfig):
@@ -137,7 +168,11 @@ def parse_value(text: str):
             return kind(text)
         except ValueError:
             pass
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise UserError(f"value {text!r}: not valid YAML ({problem}); quote it to pass it as text") from None
 
 
 def describe_errors(err: ValidationError, model) -> str:

@@ -13,11 +13,23 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to the current ``sys.stderr``, which redirections (and test captures) replace."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure(level: int = logging.INFO) -> None:
     """Plain messages on stderr (called once by the CLI)."""
     logger = logging.getLogger(ROOT)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)

@@ -110,8 +110,18 @@ class RegisteredBackbone:
 
     def load(self, model_path: str, **options: Any) -> "Backbone":
         """Check ``options`` against the spec, then call the plugin's ``load``."""
+        from safetensors import SafetensorError
+
         self.check_options(options)
-        return self.spec.load(model_path, **options)
+        try:
+            return self.spec.load(model_path, **options)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            # a truncated download or another model's directory fails deep in the loader
+            detail = (str(err).strip().splitlines() or [""])[0][:300]
+            raise UserError(
+                f"{model_path}: cannot be loaded as a {self.name!r} model ({type(err).__name__}: {detail}); "
+                f"check that it is a complete {self.name} model directory and re-download or rewrite it"
+            ) from None
 
     def write_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> None:
         """Check ``options``, then write the plugin's tiny random checkpoint to ``out_dir``."""

@@ -85,7 +85,7 @@ def read_desc_data(path: str | Path, images: ImageResolver, budget: BadRecordBud
     else:
         raise UserError(f"{path}: expected a JSON object or array of description records")
     for index, entry in enumerate(entries):
-        fields = _fields(entry, ("image_id", "chosen", "rejected"), path, index, budget)
+        fields = _fields(entry, {"image_id": (str, int), "chosen": list, "rejected": list}, path, index, budget)
         if fields is None:
             continue
         image_id, chosen, rejected = fields
@@ -107,7 +107,7 @@ def read_pope_data(path: str | Path, images: ImageResolver, budget: BadRecordBud
     for index, entry in enumerate(data):
         if isinstance(entry, dict) and "rejected" not in entry and "reject" in entry:
             entry = {**entry, "rejected": entry["reject"]}
-        fields = _fields(entry, ("image_id", "question", "chosen", "rejected"), path, index, budget)
+        fields = _fields(entry, {"image_id": (str, int), "question": str, "chosen": str, "rejected": str}, path, index, budget)
         if fields is None or (skip_correct and entry.get("correct") is True):
             continue
         image_id, question, chosen, rejected = fields
@@ -117,7 +117,7 @@ def read_pope_data(path: str | Path, images: ImageResolver, budget: BadRecordBud
 def read_generic(path: str | Path, images: ImageResolver, budget: BadRecordBudget) -> Iterator[PreferencePair]:
     """JSON lines ``{"image", "prompt", "chosen", "rejected"}``; ``image`` relative to the image root."""
     for index, entry in _json_lines(path, budget):
-        fields = _fields(entry, ("image", "prompt", "chosen", "rejected"), path, index, budget)
+        fields = _fields(entry, {"image": str, "prompt": str, "chosen": str, "rejected": str}, path, index, budget)
         if fields is None:
             continue
         image, prompt, chosen, rejected = fields
@@ -140,7 +140,7 @@ def _json_lines(path, budget: BadRecordBudget) -> Iterator[tuple[int, object]]:
         index += 1
 
 
-def _fields(entry, names, path, index, budget) -> tuple | None:
+def _fields(entry, names: dict[str, type | tuple[type, ...]], path, index, budget) -> tuple | None:
     if not isinstance(entry, dict):
         budget.skip(str(path), index, f"wrong type: expected an object, got {type(entry).__name__}")
         return None
@@ -148,7 +148,15 @@ def _fields(entry, names, path, index, budget) -> tuple | None:
     if missing:
         budget.skip(str(path), index, f"missing field: {', '.join(missing)}")
         return None
+    wrong = [f"{name} is {type(entry[name]).__name__}" for name, kind in names.items() if not _is(entry[name], kind)]
+    if wrong:
+        budget.skip(str(path), index, f"wrong type: {', '.join(wrong)}")
+        return None
     return tuple(entry[name] for name in names)
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)  # JSON true is not an id
 
 
 def _strings(value) -> bool:

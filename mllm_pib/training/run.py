@@ -12,6 +12,7 @@ from mllm_pib.config import TrainConfig
 from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset
 from mllm_pib.data.images import ImageResolver
 from mllm_pib.data.records import READERS, BadRecordBudget
+from mllm_pib.errors import UserError
 from mllm_pib.io import atomic_write_json
 from mllm_pib.log import get_logger
 from mllm_pib.model import PIBModel
@@ -34,7 +35,13 @@ def bootstrap(config: TrainConfig) -> None:
 
 
 def build_model(config: TrainConfig, backbone) -> PIBModel:
-    return PIBModel(backbone, pib_config=config.pib.model_dump())
+    from pydantic import ValidationError
+
+    try:
+        return PIBModel(backbone, pib_config=config.pib.model_dump())
+    except ValidationError as err:  # options valid alone, but not with this backbone's widths
+        problems = "; ".join(problem["msg"].removeprefix("Value error, ") for problem in err.errors())
+        raise UserError(f"pib: {problems} (backbone {backbone.name!r}); change the pib options") from None
 
 
 def build_dataset(config: TrainConfig, backbone, budget: BadRecordBudget) -> PreferenceDataset:

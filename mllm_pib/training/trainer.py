@@ -68,6 +68,7 @@ class PIBTrainer(Trainer):
         if step.model is not model:
             raise ValueError("the preference step must train the model given to the trainer")
         args = kwargs.get("args")
+        check_engine_supports(args, policy)
         if args is not None and args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = False  # every trained parameter is used at every step
         super().__init__(model=PreferenceModule(step), **kwargs)
@@ -103,8 +104,8 @@ class PIBTrainer(Trainer):
         bad_pairs = gather_object(list(pair_ids) if not finite else [])
         raise NonFiniteError(
             f"training stopped: non-finite loss at step {self.state.global_step + 1} on the pairs "
-            f"{', '.join(bad_pairs)}. {self._kept_checkpoint()} Lower training.learning_rate (or "
-            "set training.max_grad_norm), or fix or remove these pairs, then resume with --resume."
+            f"{', '.join(bad_pairs)}. {self._kept_checkpoint()} Lower training.learning_rate, or fix "
+            "or remove these pairs, then resume with --resume."
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -180,6 +181,22 @@ class PIBTrainer(Trainer):
         return f"The last good checkpoint, {checkpoints[-1]}, is intact."
 
 
+def check_engine_supports(args, policy) -> None:
+    """ZeRO-3 trains the PIB alone: the reference policy of the other freeze policies needs
+    whole upstream weights (a copy of the original ``lm_head``, the initial projector, the
+    untied embeddings), which ZeRO-3 keeps partitioned across processes."""
+    ds_config = getattr(args, "hf_deepspeed_config", None)
+    if ds_config is None or not ds_config.is_zero3():
+        return
+    others = sorted(part for part, mode in policy.parts.items() if part != "pib" and mode != "freeze")
+    if others:
+        raise UserError(
+            f"training.deepspeed: {args.deepspeed} is ZeRO-3, which supports training the PIB alone "
+            f"(freeze: stage1), but this freeze policy also trains {', '.join(others)}; use "
+            "configs/deepspeed/zero2.json, which keeps the (frozen) weights whole on every process"
+        )
+
+
 def start_distributed(args) -> None:
     """Join the launcher's process group before the backbone loads.
 
@@ -191,8 +208,19 @@ def start_distributed(args) -> None:
         return
     import deepspeed
 
+    if "WORLD_SIZE" not in os.environ:  # not started by a launcher: a group of one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     _ = args.device  # starts torch.distributed from the launcher's environment
     deepspeed.init_distributed()  # reuses that group; a no-op when already started
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def step_of(checkpoint: Path) -> int:
@@ -239,4 +267,7 @@ def _gathered(params: list[nn.Parameter]):
     return deepspeed.zero.GatheredParameters(partitioned)
 
 
-__all__ = ["PIBTrainer", "start_distributed", "PreferenceModule", "NonFiniteError", "checkpoint_problem", "sorted_checkpoints"]
+__all__ = [
+    "PIBTrainer", "PreferenceModule", "NonFiniteError", "start_distributed", "check_engine_supports",
+    "checkpoint_problem", "sorted_checkpoints",
+]
