@@ -72,6 +72,7 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
     with atomic_directory(out_dir, replace=True) as tmp:
         shards, pair_ids, pending = [], [], {}
         for batch in tqdm(loader, desc="caching features", unit="batch"):
+            batch = to_device(batch, model.device)
             for tensors in _pair_tensors(model, batch, DTYPES[dtype]):
                 row = len(pair_ids) % shard_size
                 pair_ids.append(tensors.pop("_id"))
@@ -87,6 +88,15 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
         })
     logger.info(f"cached {len(pair_ids)} pairs in {len(shards)} shards at {out_dir}; data: {budget.summary()}")
     return out_dir
+
+
+def to_device(value, device):
+    """Tensors of a (nested) batch moved to ``device``; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    return value
 
 
 @torch.no_grad()
