@@ -34,9 +34,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="run seeds 0..N-1 and report their mean (default 1)")
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
+    parser.add_argument("--out", default="runs/demo", metavar="DIR",
+                        help="output directory (default runs/demo); its seed<N>/ folders are replaced")
     parser.add_argument("--cache-dir", metavar="DIR",
-                        help="where the pretrained base model is cached (default ~/.cache/mllm-pib)")
+                        help="where the pretrained base model is cached (default $XDG_CACHE_HOME/mllm-pib, "
+                             "else ~/.cache/mllm-pib)")
     parser.add_argument("--quick", action="store_true",
                         help="a few-second run of every step with tiny sizes (checks the pipeline; numbers mean nothing)")
     parser.add_argument("--threads", type=int, default=1, metavar="N",

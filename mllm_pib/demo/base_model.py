@@ -8,8 +8,8 @@ training time depends on. It is then fine-tuned with :func:`~mllm_pib.demo.pretr
 and saved with the backbone's ``save_pretrained``, so every later step loads it like any model.
 
 The cache directory is keyed by :meth:`DemoConfig.backbone_key`; a model is built in a temporary
-directory next to its final place and renamed into it, so a crash never leaves a half-written
-model where a later run would take it for a finished one.
+directory next to its final place and renamed into it, and its record file marks it complete, so
+a crash never leaves a half-written model that a later run would take for a finished one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,8 +27,9 @@ from mllm_pib.demo import world as W
 from mllm_pib.demo.config import DemoConfig
 from mllm_pib.demo.pretrain import SupervisedExample, supervised_finetune
 from mllm_pib.errors import UserError
+from mllm_pib.io import atomic_directory
 
-DEFAULT_CACHE = Path("~/.cache/mllm-pib").expanduser()
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "mllm-pib"
 FINISHED = "pretraining.json"  # written last: its presence marks a complete model
 # caption examples for the tokenizer corpus: enough to hold every list shape
 CORPUS_CAPTIONS = 64
@@ -89,7 +89,7 @@ def build_base_model(config: DemoConfig, out_dir: Path, progress: bool = True) -
     world = W.World(config.world_seed, config.world)
     start = time.perf_counter()
     corpus = conversation_corpus(pre.backbone, world)
-    registered.write_tiny(str(out_dir), seed=pre.model_seed, corpus=corpus, **pre.tiny_options)
+    registered.write_tiny(str(out_dir), seed=pre.model_seed, corpus=corpus)
     backbone = registered.load(str(out_dir))
     losses = supervised_finetune(backbone, pretraining_examples(config), pre.finetune, progress=progress)
     backbone.save_pretrained(str(out_dir))
@@ -103,25 +103,15 @@ def build_base_model(config: DemoConfig, out_dir: Path, progress: bool = True) -
 
 
 def pretrained_base_model(config: DemoConfig, cache_dir: str | Path | None = None, progress: bool = True) -> PretrainedModel:
-    """The base model of ``config``: from the cache when it is there, else built and cached."""
+    """The base model of ``config``: from the cache when it is complete there, else built (in
+    a temporary sibling directory, renamed into place at the end) and cached."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE
     final = root / "demo" / config.backbone_key()
     if (final / FINISHED).is_file():
         return PretrainedModel(final, True, _read_record(final / FINISHED))
-    if final.exists():
-        raise UserError(f"{final}: an incomplete cached model (no {FINISHED}); delete the folder and rerun")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_directory(final, replace=True) as tmp:  # replaces what a crash may have left
         record = build_base_model(config, tmp, progress=progress)
         (tmp / FINISHED).write_text(json.dumps(record))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / FINISHED).is_file():  # anything but a concurrent run finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return PretrainedModel(final, False, _read_record(final / FINISHED))
 
 

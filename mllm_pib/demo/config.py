@@ -28,14 +28,11 @@ class Frozen(BaseModel):
 
 
 class PretrainConfig(Frozen):
-    """The base model: a tiny random checkpoint of ``backbone`` fine-tuned on the biased world.
-
-    ``tiny_options`` go to the backbone's ``write_tiny`` (sizes); its tokenizer is trained on
-    the template and the world's sentences, so that every word is one token.
-    """
+    """The base model: the backbone plugin's tiny random checkpoint, with a tokenizer trained on
+    the template and the world's sentences (every word one token), fine-tuned on the biased
+    world."""
 
     backbone: str = "llava"
-    tiny_options: dict[str, Any] = Field(default_factory=dict)
     model_seed: int = 0
     scenes: int = Field(4000, ge=1)
     mix: PretrainMix = PretrainMix()
@@ -43,16 +40,21 @@ class PretrainConfig(Frozen):
 
 
 class PreferenceConfig(Frozen):
-    """DPO (stage 1: the PIB alone) on the world's HA-DPO-format pairs."""
+    """DPO (stage 1: the PIB alone) on the world's HA-DPO-format pairs.
 
-    scenes: int = Field(800, ge=1, description="preference-training scenes per seed")
+    ``beta`` is high next to the published 0.1: with a small beta the policy has to move the
+    answers' log-probabilities by many nats before the loss saturates, and on this small world
+    that ruins the descriptions (both answers of a pair are pushed down together).
+    """
+
+    scenes: int = Field(2400, ge=1, description="preference-training scenes per seed")
     sources: tuple[str, ...] = ("pope", "desc")
-    steps: int = Field(600, ge=1)
+    steps: int = Field(2000, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    beta: float = Field(0.1, gt=0)
-    warmup_steps: int = Field(30, ge=0)
-    logging_steps: int = Field(10, ge=1)
+    beta: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    logging_steps: int = Field(20, ge=1)
     pib: dict[str, Any] = Field(default_factory=lambda: {"num_heads": 4, "intermediate_size": 128})
 
 
@@ -60,8 +62,8 @@ class EvalConfig(Frozen):
     """Held-out evaluation: POPE on ``pope_images`` images per split, CHAIR on descriptions of
     ``chair_images`` images (greedy decoding)."""
 
-    pope_images: int = Field(100, ge=1)
-    chair_images: int = Field(100, ge=1)
+    pope_images: int = Field(150, ge=1)
+    chair_images: int = Field(300, ge=1)
     batch_size: int = Field(64, ge=1)
     max_description_tokens: int = Field(48, ge=1)
 

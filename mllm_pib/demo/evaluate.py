@@ -4,7 +4,6 @@ descriptions of the held-out images against their ground-truth objects."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mllm_pib.demo.config import EvalConfig
@@ -46,8 +45,3 @@ def evaluate_model(
     chair_report = chair.evaluate(sorted(descriptions.items()), truth, vocab)
     atomic_write_json(out / "chair.json", chair_report.to_dict())
     return {"pope": pope_report, "chair": chair_report.to_dict(per_caption=False)}
-
-
-def read_log_history(run_dir: str | Path) -> list[dict]:
-    """The trainer's logged entries (``log_history.json`` of a ``mllm-pib train`` run)."""
-    return json.loads((Path(run_dir) / "log_history.json").read_text())

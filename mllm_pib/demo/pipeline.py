@@ -16,7 +16,10 @@ Output layout (``out_dir``)::
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mllm_pib.demo.base_model import pretrained_base_model
@@ -26,26 +29,32 @@ from mllm_pib.demo.dpo import train_pib
 from mllm_pib.demo.evaluate import evaluate_model
 from mllm_pib.demo.report import mean_metrics, training_curves, write_report
 from mllm_pib.io import read_json
+from mllm_pib.log import get_logger
+
+log = get_logger(__name__)
 
 
 def run_seed(config: DemoConfig, model_path: Path, seed: int, out_dir: Path, progress: bool = True) -> dict:
-    """One seed: data, evaluation before, DPO, evaluation after."""
+    """One seed: data, evaluation before, DPO, evaluation after.
+
+    ``out_dir`` is emptied first: the evaluation runners resume from answers they find, which
+    must not be those of an earlier run's model.
+    """
     backbone = config.pretrain.backbone
-    clock = time.perf_counter()
-    data = prepare_seed_data(config, seed, out_dir / "data", progress=progress)
-    seconds = {"data": time.perf_counter() - clock}
-
-    clock = time.perf_counter()
-    before = evaluate_model(model_path, backbone, None, data, config.evaluation, out_dir / "before")
-    seconds["evaluation"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    pib = train_pib(config, model_path, data, seed, out_dir / "train")
-    seconds["training"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    after = evaluate_model(model_path, backbone, pib, data, config.evaluation, out_dir / "after")
-    seconds["evaluation"] += time.perf_counter() - clock
+    shutil.rmtree(out_dir, ignore_errors=True)
+    seconds: dict[str, float] = {}
+    with timed(seconds, "data"):
+        step(f"seed {seed}: exporting preference data and building POPE/CHAIR sets in {out_dir / 'data'}")
+        data = prepare_seed_data(config, seed, out_dir / "data", progress=progress)
+    with timed(seconds, "evaluation"):
+        step(f"seed {seed}: evaluating the base model (identity PIB)")
+        before = evaluate_model(model_path, backbone, None, data, config.evaluation, out_dir / "before")
+    with timed(seconds, "training"):
+        step(f"seed {seed}: training the PIB with DPO, {config.preference.steps} steps ({out_dir / 'train' / 'train.yaml'})")
+        pib = train_pib(config, model_path, data, seed, out_dir / "train")
+    with timed(seconds, "evaluation"):
+        step(f"seed {seed}: evaluating base + PIB")
+        after = evaluate_model(model_path, backbone, pib, data, config.evaluation, out_dir / "after")
 
     curves = training_curves(read_json(pib / "log_history.json"))
     losses = [point[1] for point in curves["loss"]]
@@ -75,7 +84,9 @@ def run_demo(
     content."""
     start = time.perf_counter()
     out = Path(out_dir)
+    step("base model: pretraining on the biased world, or reusing it from the cache")
     base = pretrained_base_model(config, cache_dir, progress=progress)
+    step(f"base model: {base.path} ({'from the cache' if base.cached else 'pretrained and cached'})")
     per_seed = [run_seed(config, base.path, seed, out / f"seed{seed}", progress) for seed in range(seeds)]
     losses = base.record["losses"]
     report = {
@@ -85,6 +96,7 @@ def run_demo(
             "path": str(base.path),
             "cached": base.cached,
             "pretraining_seconds": base.record["seconds"],
+            "prompt_tokens": base.record["prompt_tokens"],
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         },
         "before": mean_metrics([s["before"] for s in per_seed]),
@@ -92,5 +104,21 @@ def run_demo(
         "per_seed": per_seed,
         "seconds": time.perf_counter() - start,
     }
+    step(f"writing the report to {out}")
     write_report(report, losses, out)
     return report
+
+
+@contextmanager
+def timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to ``seconds[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+
+def step(message: str) -> None:
+    """Announce a step of the demo (a status message: stderr, between the progress bars)."""
+    log.info(f"==> {message}")

@@ -82,7 +82,7 @@ def _bars(ax, labels: list[str], before: list[list[float]], after: list[list[flo
             ax.annotate(f"{m:.1f}", (x, m), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(labels)), labels)
     ax.set(title=title, ylabel=ylabel)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2, frameon=False)
 
 
 def plot_pope(per_seed: list[dict], path: Path) -> None:

@@ -2,7 +2,8 @@
 contract: how the demo teaches a randomly initialised model to see (and to be biased).
 
 Only the contract is used — ``preprocess``, ``encode_vision``, ``prompt_ids``/``answer_ids``,
-``embed``, ``lm_forward`` and ``lm_head`` — so the loop trains any backbone plugin's model. The
+``embed``, ``lm_forward`` (with ``new_cache``) and ``lm_head`` — so the loop trains any backbone
+plugin's model. The
 loss is the mean next-token cross-entropy over the answer tokens (end token included), as in
 LLaVA's instruction tuning; the prompt and the image are context only.
 """
@@ -66,14 +67,33 @@ def collate(backbone: Backbone, examples: list[SupervisedExample]) -> dict:
     return {"vision_inputs": vision_inputs, **{k: v.to(device) for k, v in batch.items()}}
 
 
+def shared_prefix_length(input_ids: torch.Tensor, image_token_id: int) -> int:
+    """How many leading tokens every row shares, up to the first image placeholder (images
+    differ between rows) and leaving at least one token per row."""
+    same = (input_ids == input_ids[:1]).all(0) & (input_ids[0] != image_token_id)
+    return min(int(same.long().cumprod(0).sum()), input_ids.shape[1] - 1)
+
+
 def answer_loss(backbone: Backbone, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens; the head runs on the scored positions only."""
+    """Mean cross-entropy of the answer tokens.
+
+    The template's opening (system prompt), shared by every row, runs once and reaches the rows
+    through the decoder's KV cache, fanned out to the batch; gradients flow back through it.
+    The head runs on the scored positions only.
+    """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     vision = backbone.encode_vision(**batch["vision_inputs"])
+    shared = shared_prefix_length(ids, backbone.image_token_id)
+    cache = None
+    if shared:
+        cache = backbone.new_cache()
+        backbone.lm_forward(backbone.embed(ids[:1, :shared]), None, mask[:1, :shared], cache)
+        cache.batch_repeat_interleave(len(ids))
+    rest = ids[:, shared:]
     hidden = backbone.lm_forward(
-        backbone.embed(ids), vision, mask, image_mask=ids == backbone.image_token_id
+        backbone.embed(rest), vision, mask, cache, image_mask=rest == backbone.image_token_id
     ).hidden
-    targets = shift_labels(batch["labels"])
+    targets = shift_labels(batch["labels"])[:, shared:]
     scored = targets != IGNORE_INDEX
     return F.cross_entropy(backbone.lm_head(hidden[scored]).float(), targets[scored])
 

@@ -7,7 +7,6 @@ Markdown, like the ``mllm-pib eval`` commands. With several seeds the top-level 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -112,7 +111,3 @@ def write_report(report: dict, pretraining_losses: list[float], out_dir: str | P
     plot_pope(report["per_seed"], out / "pope.png")
     plot_chair(report["per_seed"], out / "chair.png")
     return [out / "report.json", out / "report.md", *(out / name for name in FIGURES)]
-
-
-def read_report(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())

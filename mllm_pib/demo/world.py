@@ -496,13 +496,20 @@ def _scene_rng(seed: int, purpose: str, scene: Scene) -> random.Random:
 def rejected_descriptions(scene: Scene, rng: random.Random) -> list[str]:
     """Descriptions with one hallucinated object each: one per lure, else one random absent kind.
 
-    A lure is inserted right after its head (as the biased caption does); a random kind at a
-    random place.
+    A lure is named right after its head (as the biased caption does), in place of another real
+    object chosen at random; a random absent kind replaces a random object. A rejected
+    description is thus as long as the faithful one: preferring the faithful one rewards naming
+    the right objects, not naming fewer.
     """
     if scene.lures:
-        return [describe(with_partners(scene.words, [lure])) for lure in scene.lures]
+        rejected = []
+        for lure in scene.lures:
+            words = with_partners(scene.words, [lure])
+            words.remove(rng.choice([w for w in scene.words if w != HEAD_OF[lure]]))
+            rejected.append(describe(words))
+        return rejected
     words = list(scene.words)
-    words.insert(rng.randint(0, len(words)), rng.choice(scene.absent))
+    words[rng.randrange(len(words))] = rng.choice(scene.absent)
     return [describe(words)]
 
 
