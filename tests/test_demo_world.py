@@ -324,3 +324,42 @@ def test_config_and_fields_are_exclusive():
     with pytest.raises(TypeError):
         W.World(0, W.WorldConfig(), image_size=64)
     assert W.World(0, W.WorldConfig(image_size=64)).config.image_size == 64
+
+
+def test_pope_builder_on_the_world_follows_the_pope_rules(tmp_path):
+    """POPE splits from the world's own annotations: positives are the first 3 objects, negatives
+    are absent and never repeated per image, popular/adversarial negatives follow the frequency /
+    co-occurrence rankings recomputed here."""
+    from mllm_pib.evaluation import pope
+
+    paths = W.export_dataset(W.World(7).sample(120), tmp_path, seed=7)
+    images = pope.load_object_images(paths.objects)
+    truth = {im.image: list(im.objects) for im in images}
+    splits = pope.build_splits(images, num_images=40, seed=3)
+    sampled = list(dict.fromkeys(q["image"] for q in splits["random"]))
+    assert len(sampled) == 40 and all(len(truth[name]) >= 3 for name in sampled)
+    frequency = Counter(o for name in sampled for o in truth[name])
+    for split, questions in splits.items():
+        assert [q["label"] for q in questions] == ["yes", "no"] * (len(questions) // 2)
+        for name in sampled:
+            asked = [q for q in questions if q["image"] == name]
+            objects = [q["text"].removeprefix("Is there a ").removesuffix(" in the image?") for q in asked]
+            positives, negatives = objects[0::2], objects[1::2]
+            assert positives == truth[name][:3]
+            assert not set(negatives) & set(truth[name]) and len(set(negatives)) == 3
+            if split == "popular":  # the most frequent absent objects, in order of frequency
+                absent = sorted((o for o in frequency if o not in truth[name]), key=lambda o: (-frequency[o], o))
+                assert negatives == absent[:3]
+    cooccurrence = {a: Counter() for a in frequency}
+    for name in sampled:
+        for a in truth[name]:
+            cooccurrence[a].update(b for b in truth[name] if b != a)
+    for name in sampled:  # adversarial: the absent object co-occurring most with each positive
+        texts = [q["text"].split()[3] for q in splits["adversarial"] if q["image"] == name]
+        asked = set(truth[name])
+        for positive, negative in zip(texts[0::2], texts[1::2]):
+            ranking = sorted(cooccurrence[positive], key=lambda o: (-cooccurrence[positive][o], o))
+            expected = next((o for o in ranking if o not in asked), None)
+            if expected is not None:
+                assert negative == expected
+            asked.add(negative)
