@@ -101,12 +101,29 @@ def test_end_to_end_training(backbone, tmp_path, tiny_model_dir, hadpo_dir):
     assert (out / "checkpoint-8").is_dir()
 
 
-def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_dir):
-    """Checks the in-memory model during training, not only what was saved."""
+def step_and_batch(config, model, policy):
+    """The preference step of ``model`` and a batch of 4 training pairs."""
+    from mllm_pib.data.dataset import PreferenceCollator
     from mllm_pib.data.records import BadRecordBudget
     from mllm_pib.training.preference import PreferenceStep
-    from mllm_pib.training.run import build_dataset, build_model
-    from mllm_pib.data.dataset import PreferenceCollator
+    from mllm_pib.training.run import build_dataset
+
+    dataset = build_dataset(config, model.backbone, BadRecordBudget(0))
+    return PreferenceStep(model, policy, config.loss), PreferenceCollator(model.backbone)([dataset[i] for i in range(4)])
+
+
+def optimise(step, batch, model, steps=3):
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss, _ = step(batch)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+
+
+def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_dir):
+    """Checks the in-memory model during training, not only what was saved."""
+    from mllm_pib.training.run import build_model
 
     config = load_config(write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir, freeze="stage2"))
     backbone = get_backbone("llava").load(config.model)
@@ -117,15 +134,8 @@ def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_
     assert report["llm"].trainable == 0 and report["pib"].trainable == report["pib"].total
     head_before = backbone.lm_head.weight.clone()
     others = {k: v.clone() for k, v in backbone.state_dict().items() if "lm_head" not in k}
-    step = PreferenceStep(model, policy, config.loss)
-    dataset = build_dataset(config, backbone, BadRecordBudget(0))
-    batch = PreferenceCollator(backbone)([dataset[i] for i in range(4)])
-    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss, metrics = step(batch)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    step, batch = step_and_batch(config, model, policy)
+    optimise(step, batch, model)
     assert not torch.equal(backbone.lm_head.weight, head_before)  # stage 2 trains the head
     assert torch.equal(model.ref_lm_head.weight, head_before)  # the reference keeps the original
     for name, value in backbone.state_dict().items():
@@ -134,10 +144,7 @@ def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_
 
 
 def test_lora_policy_trains_adapters_only(tmp_path, tiny_model_dir, hadpo_dir):
-    from mllm_pib.data.dataset import PreferenceCollator
-    from mllm_pib.data.records import BadRecordBudget
-    from mllm_pib.training.preference import PreferenceStep
-    from mllm_pib.training.run import build_dataset, build_model
+    from mllm_pib.training.run import build_model
 
     freeze = {"parts": {"pib": "train", "llm": "lora"}, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
     config = load_config(write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir, freeze=freeze))
@@ -149,17 +156,9 @@ def test_lora_policy_trains_adapters_only(tmp_path, tiny_model_dir, hadpo_dir):
     assert trainable and all("lora_" in n or n.startswith("pib.") for n in trainable)
     assert not any("vision_tower" in n for n in trainable)  # adapters only in the LLM
     before = {n: p.clone() for n, p in model.named_parameters()}
-    step = PreferenceStep(model, policy, config.loss)
-    dataset = build_dataset(config, backbone, BadRecordBudget(0))
-    batch = PreferenceCollator(backbone)([dataset[i] for i in range(4)])
-    loss, metrics = step(batch)
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero
-    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss, _ = step(batch)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    step, batch = step_and_batch(config, model, policy)
+    assert step(batch)[0].item() == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero
+    optimise(step, batch, model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n or n.startswith("pib.") for n in changed)
     assert any("lora_B" in n for n in changed)
