@@ -8,7 +8,6 @@ from pathlib import Path
 
 from mllm_pib.demo.config import EvalConfig
 from mllm_pib.demo.data import SeedData
-from mllm_pib.io import atomic_write_json
 
 POPE_ANSWER_TOKENS = 16  # "No, there is no flag." and a margin; answers stop at their first "."
 
@@ -24,9 +23,8 @@ def evaluate_model(
     """``{"pope": {split: metrics, ..., "mean_f1"}, "chair": {chair_s, chair_i, recall, ...}}``;
     answers, descriptions and per-description CHAIR details are written under ``out_dir``."""
     from mllm_pib.checkpoint import load_model
-    from mllm_pib.evaluation import chair
     from mllm_pib.evaluation.runner import GenerationSettings
-    from mllm_pib.evaluation.suite import describe_images, evaluate_pope
+    from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
 
     out = Path(out_dir)
     model = load_model(str(model_path), backbone=backbone, pib=str(pib) if pib else None)
@@ -36,12 +34,8 @@ def evaluate_model(
             max_new_tokens=POPE_ANSWER_TOKENS, batch_size=settings.batch_size, stop_at_sentence_end=True
         ),
     )
-    descriptions = describe_images(
-        model, data.chair_images, out / "descriptions.jsonl",
+    chair_report = evaluate_chair(
+        model, data.chair_images, [data.chair_annotations], out, synonyms=data.chair_synonyms,
         settings=GenerationSettings(max_new_tokens=settings.max_description_tokens, batch_size=settings.batch_size),
     )
-    vocab = chair.ChairVocabulary.from_file(data.chair_synonyms)
-    truth = chair.load_ground_truth([data.chair_annotations], vocab)
-    chair_report = chair.evaluate(sorted(descriptions.items()), truth, vocab)
-    atomic_write_json(out / "chair.json", chair_report.to_dict())
-    return {"pope": pope_report, "chair": chair_report.to_dict(per_caption=False)}
+    return {"pope": pope_report, "chair": chair_report}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from mllm_pib.backbone import Backbone
+from mllm_pib.data.dataset import pad
 from mllm_pib.objectives import IGNORE_INDEX, shift_labels
 
 
@@ -52,16 +53,12 @@ class SupervisedExample:
 def collate(backbone: Backbone, examples: list[SupervisedExample]) -> dict:
     """Vision inputs plus right-padded ``prompt + answer`` rows, labelled on the answers."""
     vision_inputs = backbone.preprocess([e.image for e in examples], [e.prompt for e in examples])
-    rows = [(backbone.prompt_ids(e.prompt), backbone.answer_ids(e.target)) for e in examples]
-    width = max(len(prompt) + len(answer) for prompt, answer in rows)
-    input_ids = torch.full((len(rows), width), backbone.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(rows):
-        end = len(prompt) + len(answer)
-        input_ids[row, :end] = torch.tensor(prompt + answer)
-        attention_mask[row, :end] = 1
-        labels[row, len(prompt) : end] = torch.tensor(answer)
+    prompts = [backbone.prompt_ids(e.prompt) for e in examples]
+    answers = [backbone.answer_ids(e.target) for e in examples]
+    input_ids, attention_mask = pad([p + a for p, a in zip(prompts, answers)], backbone.pad_token_id, "right")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
+        labels[row, len(prompt) : len(prompt) + len(answer)] = torch.tensor(answer)
     device = next(backbone.parameters()).device
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     return {"vision_inputs": vision_inputs, **{k: v.to(device) for k, v in batch.items()}}

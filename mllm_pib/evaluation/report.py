@@ -114,18 +114,16 @@ def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
 
 def evaluate_chair(model, section: ChairSection, out: Path) -> dict:
     from mllm_pib.evaluation import chair
-    from mllm_pib.evaluation.suite import describe_images
+    from mllm_pib.evaluation.suite import evaluate_chair as describe_and_score
 
-    vocab = chair.ChairVocabulary.from_file(section.synonyms)
-    truth = chair.load_ground_truth(section.annotations, vocab)
+    # the annotated images, in id order, limited to the first N
+    truth = chair.load_ground_truth(section.annotations, chair.ChairVocabulary.from_file(section.synonyms))
     ids = sorted(truth)[: section.limit]
     images = {i: Path(section.images) / section.image_pattern.format(image_id=i) for i in ids}
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
-    captions = describe_images(model, images, out / "descriptions.jsonl", prompt=section.prompt, settings=settings)
-    result = chair.evaluate(sorted(captions.items()), truth, vocab)
-    atomic_write_json(out / "chair.json", result.to_dict())
-    return result.to_dict(per_caption=False)
+    return describe_and_score(model, images, section.annotations, out, synonyms=section.synonyms,
+                              prompt=section.prompt, settings=settings)
 
 
 def evaluate_shr(model, section: ShrSection, out: Path) -> dict:

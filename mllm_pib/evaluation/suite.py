@@ -69,3 +69,27 @@ def describe_images(
     """Describe each image (``{image_id: path}``); resumable. Returns ``{image_id: text}``."""
     items = [EvalItem(image_id, path, prompt) for image_id, path in sorted(images.items())]
     return generate_answers(model, items, out_file, settings, desc="describing")
+
+
+def evaluate_chair(
+    model,
+    images: dict[int, Path],
+    annotations: list[str | Path],
+    out_dir: str | Path,
+    *,
+    synonyms: str | Path | None = None,
+    prompt: str = DESCRIBE_PROMPT,
+    settings: GenerationSettings = GenerationSettings(max_new_tokens=128),
+) -> dict:
+    """Describe ``images`` (resumable) and score the descriptions with CHAIR against the
+    annotations; writes ``descriptions.jsonl`` and ``chair.json`` (per-description details)
+    and returns the overall metrics."""
+    from mllm_pib.evaluation import chair
+
+    out_dir = Path(out_dir)
+    vocab = chair.ChairVocabulary.from_file(synonyms)
+    truth = chair.load_ground_truth(annotations, vocab)
+    captions = describe_images(model, images, out_dir / "descriptions.jsonl", prompt=prompt, settings=settings)
+    result = chair.evaluate(sorted(captions.items()), truth, vocab)
+    atomic_write_json(out_dir / "chair.json", result.to_dict())
+    return result.to_dict(per_caption=False)
