@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: $(STAMP)
-	$(BIN)/mllm-pib demo
+	$(BIN)/mllm-pib demo --overwrite
 
 clean:
 	rm -rf $(VENV)

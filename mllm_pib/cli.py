@@ -13,7 +13,7 @@ import logging
 import sys
 
 from mllm_pib import __version__
-from mllm_pib.errors import UserError
+from mllm_pib.errors import Interrupted, UserError
 from mllm_pib.log import configure as configure_logging
 
 # module path of each command group, in the order ``--help`` lists them
@@ -31,8 +31,39 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help in the style of the Hugging Face command lines: each option's default is shown as
+    ``(default: X)`` when it has a meaningful one (not for flags or options without a value),
+    and descriptions keep their paragraphs and indented lists."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # paragraphs are separated by blank lines; a paragraph of indented lines is kept as written
+        fill = super()._fill_text
+        paragraphs = text.strip("\n").split("\n\n")
+        return "\n\n".join(
+            "\n".join(indent + line for line in paragraph.splitlines()) if paragraph.startswith(" ")
+            else fill(paragraph, width, indent)
+            for paragraph in paragraphs
+        )
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with :class:`HelpFormatter`; sub-commands inherit both."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="mllm-pib",
         description="Train and evaluate post-interaction blocks (PIB) against object hallucination.",
     )
@@ -56,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to tell the user how to go on
     try:
         return args.handler(args) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return Interrupted.exit_code
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Small file helpers shared by the project: atomic writes and JSON-lines reading/appending.
 
 Writes that replace a file go through a temporary file in the same directory and
-``os.replace``, so a crash never leaves a half-written result. Append-only logs (answers,
-judgment caches) are JSON lines where only newline-terminated lines count: a line cut short by
-a crash is dropped by :func:`repair_jsonl_tail` and written again on resume.
+``os.replace``, so a crash never leaves a half-written result. Temporary files and folders are
+created with the ordinary modes (0666/0777 less the umask), so what lands in place is as
+readable as any file the user creates. Append-only logs (answers, judgment caches) are JSON
+lines where only newline-terminated lines count: a line cut short by a crash is dropped by
+:func:`repair_jsonl_tail` and written again on resume.
+
+Output folders of commands are guarded by :mod:`mllm_pib.outputs`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,20 +24,65 @@ from typing import Any
 from mllm_pib.errors import UserError
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``), creating parents."""
+def sibling_temp_name(path: Path) -> Path:
+    """A fresh hidden name next to ``path`` for a temporary file or folder."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where the system allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then put it back
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the modes a new file or folder gets
+    under the umask: writers such as safetensors create their files 0600, which would keep
+    colleagues on a shared machine from reading them."""
+    mask = umask()
+    path = Path(path)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path for the block to write; it replaces ``path`` when the
+    block succeeds (with the umask's mode, see :func:`apply_umask`) and is removed when it fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = sibling_temp_name(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file + ``os.replace``), creating parents."""
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # O_EXCL: the name is ours alone
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file + ``os.replace``), creating parents."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
@@ -141,16 +190,17 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         yield tmp
+        apply_umask(tmp)
         if not target.exists() or (target.is_dir() and not any(target.iterdir())):
             if target.exists():
                 target.rmdir()
             os.replace(tmp, target)
         elif replace:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
+            old = sibling_temp_name(target)
+            os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -160,3 +210,15 @@ def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator
                 os.replace(src, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A new empty hidden folder next to ``target``, with the umask's mode (``mkdtemp`` would
+    make it 0700, and a folder renamed into place keeps its mode)."""
+    while True:
+        tmp = sibling_temp_name(target)
+        try:
+            tmp.mkdir(0o777)
+            return tmp
+        except FileExistsError:
+            continue

@@ -38,6 +38,7 @@ from mllm_pib.spec import BackboneSpec
 if TYPE_CHECKING:
     from mllm_pib.backbone import Backbone
 from mllm_pib.errors import UserError
+from mllm_pib.outputs import OutputKind, claim
 
 ENTRY_POINT_GROUP = "mllm_pib"
 DISABLE_ENV = "MLLM_PIB_DISABLE_PLUGINS"
@@ -123,18 +124,24 @@ class RegisteredBackbone:
                 f"check that it is a complete {self.name} model directory and re-download or rewrite it"
             ) from None
 
-    def write_tiny(self, out_dir: str, seed: int = 0, **options: Any) -> None:
-        """Check ``options``, then write the plugin's tiny random checkpoint to ``out_dir``."""
+    def write_tiny(self, out_dir: str, seed: int = 0, *, overwrite: bool = False, **options: Any) -> None:
+        """Check ``options``, then write the plugin's tiny random checkpoint to ``out_dir``.
+
+        The model is written to a staging folder and moved in whole; a folder that is not empty
+        is refused unless it holds an earlier tiny model and ``overwrite`` is set (see
+        :mod:`mllm_pib.outputs`)."""
         if self.spec.write_tiny is None:
             raise UserError(
                 f"backbone {self.name!r} ({self.plugin}) cannot write a tiny checkpoint: "
                 "its spec has no write_tiny"
             )
         self.check_options(options)
-        self.spec.write_tiny(out_dir, seed=seed, **options)
+        with claim(out_dir, TINY_MODEL_OUTPUT, overwrite=overwrite).staged() as staging:
+            self.spec.write_tiny(str(staging), seed=seed, **options)
 
 
 COMMON_LOAD_OPTIONS = ("dtype", "device")
+TINY_MODEL_OUTPUT = OutputKind(command="tiny-model", what="tiny model", writes=(), done="config.json")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class BadRecordBudget:
 
     limit: int
     skipped: list[tuple[str, int, str]] = field(default_factory=list)
+    # records a reader leaves out by design (not bad, not counted against the limit): (source, reason) -> count
+    left_out: Counter = field(default_factory=Counter)
 
     def skip(self, source: str, index: int | str, reason: str) -> None:
         self.skipped.append((source, index, reason))
@@ -108,7 +110,10 @@ def read_pope_data(path: str | Path, images: ImageResolver, budget: BadRecordBud
         if isinstance(entry, dict) and "rejected" not in entry and "reject" in entry:
             entry = {**entry, "rejected": entry["reject"]}
         fields = _fields(entry, {"image_id": (str, int), "question": str, "chosen": str, "rejected": str}, path, index, budget)
-        if fields is None or (skip_correct and entry.get("correct") is True):
+        if fields is None:
+            continue
+        if skip_correct and entry.get("correct") is True:
+            budget.left_out[(str(path), "marked correct: true")] += 1
             continue
         image_id, question, chosen, rejected = fields
         yield PreferencePair(images(image_id), question, chosen, rejected, str(path), index, f"pope:{image_id}:{index}")

@@ -7,41 +7,52 @@ and ``load``, the HA-DPO exports and the POPE builder, ``mllm-pib train``'s conf
 
 Output layout (``out_dir``)::
 
-    report.json  report.md  pretraining.png  dpo_training.png  pope.png  chair.png
+    report.json          the results: settings, metrics, training curves; the same bytes on every
+                         run of the same code, settings and thread count
+    run.json             facts of this run: where the base model is, whether it came from the
+                         cache, timings
+    report.md  pretraining.png  dpo_training.png  pope.png  chair.png
     seed<N>/data/        preference data, held-out images, POPE splits, CHAIR files
-    seed<N>/before/      the base model's POPE answers and scores, descriptions, CHAIR details
+    seed<N>/before/      the base model's evaluation folders: pope/ (answers, scores) and
+                         chair/ (descriptions, CHAIR details)
     seed<N>/train/       train.yaml and the PIB checkpoint (pib/, with log_history.json)
     seed<N>/after/       the same evaluation with the trained PIB
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
+from mllm_pib import __version__
 from mllm_pib.demo.base_model import pretrained_base_model
 from mllm_pib.demo.config import DemoConfig
 from mllm_pib.demo.data import prepare_seed_data
 from mllm_pib.demo.dpo import train_pib
 from mllm_pib.demo.evaluate import evaluate_model
-from mllm_pib.demo.report import mean_metrics, training_curves, write_report
+from mllm_pib.demo.report import FIGURES, REPORT, RUN, mean_metrics, training_curves, write_report
 from mllm_pib.io import read_json
 from mllm_pib.log import get_logger
+from mllm_pib.outputs import OutputKind, claim
 
 log = get_logger(__name__)
 
 
-def run_seed(config: DemoConfig, model_path: Path, seed: int, out_dir: Path, progress: bool = True) -> dict:
-    """One seed: data, evaluation before, DPO, evaluation after.
+DEMO_OUTPUT = OutputKind(command="demo", what="demo report", writes=(REPORT, RUN, "report.md", *FIGURES, "seed*"),
+                         done=REPORT)
 
-    ``out_dir`` is emptied first: the evaluation runners resume from answers they find, which
-    must not be those of an earlier run's model.
+
+def run_seed(config: DemoConfig, model_path: Path, seed: int, out_dir: Path, progress: bool = True) -> tuple[dict, dict]:
+    """One seed, into the new folder ``out_dir``: data, evaluation before, DPO, evaluation after.
+
+    Returns the seed's results (for ``report.json``, with paths relative to ``out_dir``'s parent)
+    and the seconds each step took.
     """
     backbone = config.pretrain.backbone
-    shutil.rmtree(out_dir, ignore_errors=True)
     seconds: dict[str, float] = {}
     with timed(seconds, "data"):
         step(f"seed {seed}: exporting preference data and building POPE/CHAIR sets in {out_dir / 'data'}")
@@ -58,19 +69,19 @@ def run_seed(config: DemoConfig, model_path: Path, seed: int, out_dir: Path, pro
 
     curves = training_curves(read_json(pib / "log_history.json"))
     losses = [point[1] for point in curves["loss"]]
-    return {
+    result = {
         "seed": seed,
         "before": before,
         "after": after,
         "training": {
-            "checkpoint": str(pib),
+            "checkpoint": pib.relative_to(out_dir.parent).as_posix(),
             "steps": config.preference.steps,
             "first_loss": losses[0],
             "last_loss": losses[-1],
             "curves": curves,
         },
-        "seconds": seconds,
     }
+    return result, seconds
 
 
 def run_demo(
@@ -79,34 +90,42 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict:
-    """Run the demo for seeds ``0 .. seeds - 1`` and write the report; returns ``report.json``'s
-    content."""
+    overwrite: bool = False,
+) -> tuple[dict, dict]:
+    """Run the demo for seeds ``0 .. seeds - 1`` and write the report; returns the content of
+    ``report.json`` and of ``run.json``. A folder holding an earlier demo report is replaced
+    only with ``overwrite`` (see :mod:`mllm_pib.outputs`)."""
     start = time.perf_counter()
-    out = Path(out_dir)
+    output = claim(out_dir, DEMO_OUTPUT, overwrite=overwrite)
+    out = output.path
     step("base model: pretraining on the biased world, or reusing it from the cache")
     base = pretrained_base_model(config, cache_dir, progress=progress)
     step(f"base model: {base.path} ({'from the cache' if base.cached else 'pretrained and cached'})")
-    per_seed = [run_seed(config, base.path, seed, out / f"seed{seed}", progress) for seed in range(seeds)]
+    output.prepare()
+    per_seed, seconds = zip(*(run_seed(config, base.path, seed, out / f"seed{seed}", progress) for seed in range(seeds)))
     losses = base.record["losses"]
     report = {
+        "mllm_pib_version": __version__,
         "config": config.model_dump(mode="json"),
+        "threads": torch.get_num_threads(),  # float sums, hence the numbers, depend on it
         "seeds": list(range(seeds)),
         "base_model": {
-            "path": str(base.path),
-            "cached": base.cached,
-            "pretraining_seconds": base.record["seconds"],
+            "key": config.backbone_key(),
             "prompt_tokens": base.record["prompt_tokens"],
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         },
         "before": mean_metrics([s["before"] for s in per_seed]),
         "after": mean_metrics([s["after"] for s in per_seed]),
-        "per_seed": per_seed,
+        "per_seed": list(per_seed),
+    }
+    run = {
+        "base_model": {"path": str(base.path), "cached": base.cached, "pretraining_seconds": base.record["seconds"]},
+        "per_seed_seconds": list(seconds),
         "seconds": time.perf_counter() - start,
     }
     step(f"writing the report to {out}")
-    write_report(report, losses, out)
-    return report
+    write_report(report, run, losses, out)
+    return report, run
 
 
 @contextmanager

@@ -6,15 +6,14 @@ Each figure is written atomically (a temporary file renamed into place).
 from __future__ import annotations
 
 import io
-import os
 import statistics
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mllm_pib.evaluation.pope import SPLITS
+from mllm_pib.io import atomic_write_bytes
 
 BEFORE, AFTER = "#9e9e9e", "#1f77b4"
 
@@ -28,14 +27,7 @@ def _figure(width: float, height: float, columns: int = 1) -> tuple[Figure, list
 def _save(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -25,6 +25,8 @@ TABLE_ROWS = (
 )
 TRAINING_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 FIGURES = ("pretraining.png", "dpo_training.png", "pope.png", "chair.png")
+REPORT = "report.json"  # the results alone: identical for identical code, settings and threads
+RUN = "run.json"  # what differs between runs: paths, the base model cache hit, timings
 
 
 def _metrics(evaluation: dict) -> dict:
@@ -74,7 +76,7 @@ def format_table(report: dict) -> str:
     return "\n".join([title, *lines])
 
 
-def format_markdown(report: dict) -> str:
+def format_markdown(report: dict, run: dict) -> str:
     """``report.md``: the table, every seed's numbers, the timings and the figures."""
     table = format_table(report).splitlines()
     out = ["# mllm-pib demo", "", table[0] + ".", "", "```", *table[1:], "```", ""]
@@ -84,30 +86,92 @@ def format_markdown(report: dict) -> str:
         for name in ("before", "after"):
             cells = [f"{100 * value(seed[name], *row[1:]):.2f}" for row in TABLE_ROWS]
             out.append(f"| {seed['seed']} | {name} | " + " | ".join(cells) + " |")
-    base = report["base_model"]
+    base = run["base_model"]
     out += ["", "## Runs", ""]
     out.append(f"- base model: `{base['path']}` ({'from the cache' if base['cached'] else 'pretrained in this run'}; "
-               f"pretraining took {base['pretraining_seconds']:.0f} s, final loss {base['final_loss']:.3f})")
-    for seed in report["per_seed"]:
+               f"pretraining took {base['pretraining_seconds']:.0f} s, final loss {report['base_model']['final_loss']:.3f})")
+    for seed, seconds in zip(report["per_seed"], run["per_seed_seconds"]):
         t = seed["training"]
         out.append(f"- seed {seed['seed']}: DPO loss {t['first_loss']:.3f} -> {t['last_loss']:.3f} over {t['steps']} steps; "
-                   f"data {seed['seconds']['data']:.0f} s, evaluation {seed['seconds']['evaluation']:.0f} s, "
-                   f"training {seed['seconds']['training']:.0f} s")
-    out.append(f"- total: {report['seconds']:.0f} s")
+                   f"data {seconds['data']:.0f} s, evaluation {seconds['evaluation']:.0f} s, "
+                   f"training {seconds['training']:.0f} s")
+    out.append(f"- total: {run['seconds']:.0f} s with {report['threads']} CPU thread(s)")
     out += ["", "## Figures", ""] + [f"![{name}]({name})" for name in FIGURES]
     return "\n".join(out) + "\n"
 
 
-def write_report(report: dict, pretraining_losses: list[float], out_dir: str | Path) -> list[Path]:
-    """Write ``report.json``, ``report.md`` and the figures to ``out_dir``; returns their paths."""
+def write_report(report: dict, run: dict, pretraining_losses: list[float], out_dir: str | Path) -> list[Path]:
+    """Write ``report.json``, ``run.json``, ``report.md`` and the figures to ``out_dir``;
+    returns their paths (``report.json`` last: it marks a complete report)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", format_markdown(report))
+    atomic_write_json(out / RUN, run)
+    atomic_write_text(out / "report.md", format_markdown(report, run))
     from mllm_pib.demo.plots import plot_chair, plot_dpo_training, plot_pope, plot_pretraining
 
     plot_pretraining(pretraining_losses, out / "pretraining.png")
     plot_dpo_training(report["per_seed"], out / "dpo_training.png")
     plot_pope(report["per_seed"], out / "pope.png")
     plot_chair(report["per_seed"], out / "chair.png")
-    return [out / "report.json", out / "report.md", *(out / name for name in FIGURES)]
+    atomic_write_json(out / REPORT, report)
+    return [out / RUN, out / "report.md", *(out / name for name in FIGURES), out / REPORT]
+
+
+# --- the README's table -----------------------------------------------------------------------
+
+README_COLUMNS = (
+    ("POPE F1 random", "pope", "random", "f1"),
+    ("popular", "pope", "popular", "f1"),
+    ("adversarial", "pope", "adversarial", "f1"),
+    ("yes-ratio adv.", "pope", "adversarial", "yes_ratio"),
+    ("CHAIR_s", "chair", None, "chair_s"),
+    ("CHAIR_i", "chair", None, "chair_i"),
+    ("CHAIR recall", "chair", None, "recall"),
+)
+README_THREADS = 1
+
+
+def check_readme_report(report: dict) -> None:
+    """Refuse a report that is not the default demo at the README's thread count: its figures
+    would not be what ``mllm-pib demo`` gives with this code."""
+    from mllm_pib.demo.config import DemoConfig
+    from mllm_pib.errors import UserError
+
+    if report.get("config") != DemoConfig().model_dump(mode="json"):
+        raise UserError("the report is not of the default demo settings (a --quick run, or older code); "
+                        "measure with `mllm-pib demo --seeds 3`")
+    if report.get("threads") != README_THREADS:
+        raise UserError(f"the report was measured with {report.get('threads')} thread(s); the README's figures "
+                        f"use --threads {README_THREADS}")
+
+
+def readme_table(report: dict) -> str:
+    """The README's Markdown: per model, each metric's mean over seeds and its range over seeds,
+    plus the change with its range over seeds, in percent."""
+    seeds = report["per_seed"]
+    runs = f"`mllm-pib demo --seeds {len(seeds)} --threads {report['threads']}`"
+    lines = [
+        f"Measured with {runs} from a fresh cache (mllm-pib {report['mllm_pib_version']}), on held-out scenes: "
+        f"mean of {len(seeds)} seeds, with the range over the seeds in brackets. The figures depend on the "
+        f"thread count (sums of floats split differently), so other counts give slightly different ones.",
+        "",
+        "| | " + " | ".join(label for label, *_ in README_COLUMNS) + " |",
+        "|---" * (len(README_COLUMNS) + 1) + "|",
+    ]
+    rows = {
+        "base model": [[value(s["before"], *c[1:]) for s in seeds] for c in README_COLUMNS],
+        "+ PIB": [[value(s["after"], *c[1:]) for s in seeds] for c in README_COLUMNS],
+        "change": [[value(s["after"], *c[1:]) - value(s["before"], *c[1:]) for s in seeds] for c in README_COLUMNS],
+    }
+    for name, columns in rows.items():
+        signed = name == "change"
+        lines.append(f"| {name} | " + " | ".join(_mean_and_range(v, signed) for v in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_and_range(values: list[float], signed: bool) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    mean = fmt.format(100 * statistics.fmean(values))
+    if len(values) == 1:
+        return mean
+    return f"{mean} [{fmt.format(100 * min(values))}, {fmt.format(100 * max(values))}]"

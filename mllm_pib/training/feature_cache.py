@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from mllm_pib import __version__
 from mllm_pib.backbone import VisionFeatures
 from mllm_pib.errors import UserError
-from mllm_pib.io import atomic_directory, atomic_write_json, read_json
+from mllm_pib.io import atomic_write_json, read_json
 from mllm_pib.log import get_logger
 from mllm_pib.objectives import IGNORE_INDEX
+from mllm_pib.outputs import OutputKind, claim
 
 logger = get_logger(__name__)
 
@@ -53,8 +54,14 @@ def cache_key(config, backbone, model) -> dict:
     }
 
 
-def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size: int = 8, shard_size: int = 1024) -> Path:
-    """Run the frozen backbone over the training data once and write the cache (atomically)."""
+CACHE_OUTPUT = OutputKind(command="cache", what="feature cache", writes=(), done=MANIFEST)
+
+
+def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size: int = 8, shard_size: int = 1024,
+                overwrite: bool = False) -> Path:
+    """Run the frozen backbone over the training data once and write the cache, whole or not at
+    all. A folder that is not empty is refused unless it holds an earlier cache and
+    ``overwrite`` is set (see :mod:`mllm_pib.outputs`)."""
     from mllm_pib.data.dataset import PreferenceCollator
     from mllm_pib.data.records import BadRecordBudget
     from mllm_pib.plugins import get_backbone
@@ -62,14 +69,14 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
 
     if config.freeze_policy().trains_before_pib:
         raise UserError("a feature cache needs a frozen backbone up to the PIB; this freeze policy trains parts before it")
+    output = claim(out_dir, CACHE_OUTPUT, overwrite=overwrite)
     bootstrap(config)
     backbone = get_backbone(config.backbone).load(config.model, **config.backbone_options)
     model = build_model(config, backbone).eval()
     budget = BadRecordBudget(config.max_bad_records)
     dataset = build_dataset(config, backbone, budget)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=PreferenceCollator(backbone))
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir, replace=True) as tmp:
+    with output.staged() as tmp:
         shards, pair_ids, pending = [], [], {}
         for batch in tqdm(loader, desc="caching features", unit="batch"):
             batch = to_device(batch, model.device)
@@ -86,8 +93,8 @@ def build_cache(config, out_dir: str | Path, dtype: str = "float16", batch_size:
             **cache_key(config, backbone, model), "dtype": dtype, "pairs": len(pair_ids),
             "shard_size": shard_size, "shards": shards, "pair_ids": pair_ids, "skipped": budget.summary(),
         })
-    logger.info(f"cached {len(pair_ids)} pairs in {len(shards)} shards at {out_dir}; data: {budget.summary()}")
-    return out_dir
+    logger.info(f"cached {len(pair_ids)} pairs in {len(shards)} shards at {output.path}; data: {budget.summary()}")
+    return output.path
 
 
 def to_device(value, device):

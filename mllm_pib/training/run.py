@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
 
+from mllm_pib.checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from mllm_pib.config import TrainConfig
 from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset
 from mllm_pib.data.images import ImageResolver
 from mllm_pib.data.records import READERS, BadRecordBudget
-from mllm_pib.errors import UserError
+from mllm_pib.errors import Interrupted, UserError
 from mllm_pib.io import atomic_write_json
 from mllm_pib.log import get_logger
 from mllm_pib.model import PIBModel
+from mllm_pib.outputs import OutputKind, claim
 from mllm_pib.plugins import get_backbone
 
 logger = get_logger(__name__)
+
+LOG_HISTORY = "log_history.json"
+TRAIN_CONFIG = "train_config.json"
 
 
 def bootstrap(config: TrainConfig) -> None:
@@ -45,11 +51,35 @@ def build_model(config: TrainConfig, backbone) -> PIBModel:
 
 
 def build_dataset(config: TrainConfig, backbone, budget: BadRecordBudget) -> PreferenceDataset:
+    """The checked, tokenised pairs of every data source; none left is a :class:`UserError`."""
+    read: Counter[str] = Counter()
     sources = []
     for source in config.data:
         images = ImageResolver(source.images or Path(source.path).parent)
-        sources.append(READERS[source.format](source.path, images, budget))
-    return PreferenceDataset(itertools.chain(*sources), backbone, budget, config.max_length)
+        sources.append(_counted(READERS[source.format](source.path, images, budget), read, source.path))
+    dataset = PreferenceDataset(itertools.chain(*sources), backbone, budget, config.max_length)
+    if not len(dataset):
+        raise UserError(f"no training pairs left: {_data_summary(config, read, budget)}")
+    return dataset
+
+
+def _counted(pairs, counts: Counter, key: str):
+    for pair in pairs:
+        counts[key] += 1
+        yield pair
+
+
+def _data_summary(config: TrainConfig, read: Counter, budget: BadRecordBudget) -> str:
+    """Per source: the pairs read and the records skipped by reason; and what to change."""
+    parts = []
+    for source in config.data:
+        reasons = Counter(reason.split(":")[0] for where, _, reason in budget.skipped if where == source.path)
+        reasons.update({reason: n for (where, reason), n in budget.left_out.items() if where == source.path})
+        skipped = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common()) or "none"
+        parts.append(f"{source.format} {source.path}: {read[source.path]} pairs read, skipped: {skipped}")
+    over_long = any(reason.startswith("over-long") for _, _, reason in budget.skipped)
+    hint = f"raise max_length (now {config.max_length}) or fix the data" if over_long else "fix the data"
+    return "; ".join(parts) + f"; {hint}"
 
 
 def cached_dataset(config: TrainConfig, backbone, model, policy):
@@ -66,14 +96,39 @@ def cached_dataset(config: TrainConfig, backbone, model, policy):
     return CachedPairs(config.feature_cache, manifest), collate_cached
 
 
-def train(config: TrainConfig, output_dir: str | None = None, resume: bool = False) -> Path:
+TRAIN_OUTPUT = OutputKind(
+    command="train",
+    what="training run",
+    writes=("checkpoint-*", WEIGHTS_FILE, CONFIG_FILE, META_FILE, LOG_HISTORY, TRAIN_CONFIG, "pope", "runs"),
+    done=TRAIN_CONFIG,
+    resumable=True,
+)
+
+
+class TrainingInterrupted(Interrupted):
+    """Ctrl-C during training; ``checkpoint`` is the newest complete one (``None``: none yet)."""
+
+    def __init__(self, step: int, max_steps: int, checkpoint: Path | None):
+        self.checkpoint = checkpoint
+        kept = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint had been saved yet"
+        super().__init__(f"training stopped at step {step}{f' of {max_steps}' if max_steps else ''}; {kept}")
+
+
+def train(config: TrainConfig, output_dir: str | None = None, resume: bool = False, overwrite: bool = False,
+          allow_base_mismatch: bool = False) -> Path:
+    """Train the PIB of ``config`` into ``output_dir`` (default: ``training.output_dir``).
+
+    A folder holding an earlier run is refused unless ``resume`` (continue from its newest
+    complete checkpoint) or ``overwrite`` (delete what that run wrote, then start afresh).
+    """
     from mllm_pib.training.preference import PreferenceStep
     from mllm_pib.training.trainer import PIBTrainer, start_distributed
 
-    bootstrap(config)
     if output_dir:
         config.training["output_dir"] = output_dir
     args = config.training_arguments()
+    output = claim(args.output_dir, TRAIN_OUTPUT, resume=resume, overwrite=overwrite)  # only looks
+    bootstrap(config)
     start_distributed(args)
     from transformers import set_seed
 
@@ -90,20 +145,39 @@ def train(config: TrainConfig, output_dir: str | None = None, resume: bool = Fal
     else:
         dataset, collator = build_dataset(config, backbone, budget), PreferenceCollator(backbone)
     logger.info(f"data: {len(dataset)} preference pairs; {budget.summary()}")
+    wait_for_everyone(args)  # every process has looked at the folder before it changes
+    if args.should_save:
+        output.prepare()
     trainer = PIBTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        step=PreferenceStep(model, policy, config.loss), policy=policy,
+        step=PreferenceStep(model, policy, config.loss), policy=policy, allow_base_mismatch=allow_base_mismatch,
     )
-    trainer.train(resume_from_checkpoint=resume or None)
+    try:
+        trainer.train(resume_from_checkpoint=resume or None)
+    except KeyboardInterrupt:
+        raise interrupted(trainer) from None
     out = Path(args.output_dir)
     trainer.save_model(str(out))
-    atomic_write_json(out / "log_history.json", trainer.state.log_history)
-    atomic_write_json(out / "train_config.json", json.loads(config.model_dump_json()))
+    atomic_write_json(out / LOG_HISTORY, trainer.state.log_history)
+    atomic_write_json(out / TRAIN_CONFIG, json.loads(config.model_dump_json()))
     logger.info(f"data: {budget.summary()}")
     logger.info(f"saved the PIB checkpoint to {out}")
     if config.pope:
         evaluate_trained(model.eval(), config, out)
     return out
+
+
+def wait_for_everyone(args) -> None:
+    if args.world_size > 1:
+        torch.distributed.barrier()
+
+
+def interrupted(trainer) -> TrainingInterrupted:
+    from mllm_pib.training.trainer import checkpoint_problem, sorted_checkpoints
+
+    complete = [c for c in sorted_checkpoints(Path(trainer.args.output_dir)) if checkpoint_problem(c) is None]
+    max_steps = trainer.args.max_steps if trainer.args.max_steps > 0 else trainer.state.max_steps
+    return TrainingInterrupted(trainer.state.global_step, max_steps, complete[-1] if complete else None)
 
 
 def evaluate_trained(model, config: TrainConfig, out: Path) -> dict:
