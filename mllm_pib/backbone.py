@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -158,26 +158,54 @@ class Backbone(nn.Module):
         """Write the base model in a layout ``load(path)`` reads back."""
         raise NotImplementedError
 
-    def identity(self) -> dict[str, Any]:
-        """What identifies the base model: recorded in PIB checkpoints and feature caches."""
+    def identity(self, exclude: Iterable[str] = ()) -> dict[str, Any]:
+        """What identifies the base model: recorded in PIB checkpoints and feature caches.
+
+        ``fingerprint`` samples the weights as loaded (``dtype``), leaving out the parts named in
+        ``exclude`` (those a checkpoint trains and carries itself); ``fingerprints`` holds the
+        same sample rounded to each half precision, so that a base loaded in another precision
+        can still be recognised (see :func:`mllm_pib.checkpoint.base_differences`).
+        """
+        exclude = list(exclude)
         return {
             "backbone": self.name,
             "model_id": self.model_id,
             "feature": self.feature,
             "hidden_size": self.hidden_size,
             "pib_vision_size": self.pib_vision_size,
-            "fingerprint": self.fingerprint(),
+            "dtype": self.weights_dtype(),
+            "fingerprint": self.fingerprint(exclude=exclude),
+            "fingerprints": {name: self.fingerprint(getattr(torch, name), exclude) for name in HALF_DTYPES},
         }
 
-    def fingerprint(self) -> str:
-        """A short hash of the frozen weights' shapes and a sample of their values."""
+    def weights_dtype(self) -> str:
+        """The floating dtype holding most of the weights (some modules may stay in float32)."""
+        sizes: dict[torch.dtype, int] = {}
+        for tensor in self.state_dict().values():
+            if tensor.is_floating_point():
+                sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel()
+        return str(max(sizes, key=sizes.get, default=torch.float32)).removeprefix("torch.")
+
+    def fingerprint(self, dtype: torch.dtype | None = None, exclude: Iterable[str] = ()) -> str:
+        """A short hash of the frozen weights' shapes and a sample of their values, rounded to
+        ``dtype`` when given. Left out: the parts named in ``exclude`` (a weight tied to one of
+        them too) and LoRA adapters, which are trained, not the base."""
+        parts = self.parts()
+        skipped = {id(param) for name in exclude if name in parts for param in parts[name].parameters()}
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.state_dict().items()):
+        for name, tensor in sorted(self.state_dict(keep_vars=True).items()):
+            if id(tensor) in skipped or "lora_" in name:
+                continue
             flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-            digest.update(json.dumps([name, list(tensor.shape)]).encode())
-            digest.update(sample.numpy().tobytes())
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            if dtype is not None and sample.is_floating_point():
+                sample = sample.to(dtype)
+            digest.update(json.dumps([name.replace(".base_layer.", "."), list(tensor.shape)]).encode())
+            digest.update(sample.float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+HALF_DTYPES = ("bfloat16", "float16")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None = torch.float32) -> torch.dtype | None:

@@ -9,14 +9,14 @@ A checkpoint directory holds::
                             (backbone, model id, feature, widths, fingerprint), freeze policy
 
 Nothing is ever read with pickle. A checkpoint is refused when loaded into a backbone of another
-name, hidden size, vision width or feature option.
+name, hidden size, vision width or feature option, and — unless explicitly allowed — onto base
+weights other than those it was trained on (the recorded fingerprint, see :func:`check_base`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,7 +27,11 @@ from mllm_pib import __version__
 from mllm_pib.block import PIBConfig, PostInteractionBlock
 from mllm_pib.errors import UserError
 from mllm_pib.freezing import FreezePolicy
-from mllm_pib.io import atomic_directory, atomic_write_json
+from mllm_pib.io import atomic_path, atomic_write_json
+from mllm_pib.log import get_logger
+from mllm_pib.outputs import OutputKind, claim
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "pib_config.json"
@@ -56,19 +60,13 @@ def save_checkpoint(path: str | os.PathLike, model, policy: FreezePolicy, extra:
     a crash leaves either the previous checkpoint or the new one, never a truncated file.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=path)
-    os.close(fd)
-    try:
+    with atomic_path(path / WEIGHTS_FILE) as tmp:
         save_file(trained_state(model, policy), tmp)
-        os.replace(tmp, path / WEIGHTS_FILE)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     atomic_write_json(path / CONFIG_FILE, model.pib.config.model_dump())
     atomic_write_json(path / META_FILE, {
         "format_version": FORMAT_VERSION,
         "mllm_pib_version": __version__,
-        "base_model": model.backbone.identity(),
+        "base_model": model.backbone.identity(exclude=policy.trained_backbone_parts),
         "freeze_policy": policy.model_dump(),
         **(extra or {}),
     })
@@ -97,32 +95,81 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[PIBConfig, dict[str, torch
     return config, state, meta
 
 
-def check_compatible(meta: dict, backbone, path) -> None:
+STRUCTURE = ("backbone", "hidden_size", "pib_vision_size", "feature")
+
+
+def check_base(meta: dict, current: dict, path, allow_base_mismatch: bool = False) -> None:
+    """Refuse to put a PIB onto a base other than the one it was trained on.
+
+    ``current`` is the loaded backbone's :meth:`~mllm_pib.backbone.Backbone.identity`. Another
+    backbone, width or feature option is always refused (the weights cannot fit); other base
+    weights (the fingerprint) are refused unless ``allow_base_mismatch``.
+    """
     base = meta.get("base_model", {})
-    wanted = {
-        "backbone": backbone.name,
-        "hidden_size": backbone.hidden_size,
-        "pib_vision_size": backbone.pib_vision_size,
-        "feature": backbone.feature,
-    }
-    for key, value in wanted.items():
-        if base.get(key) != value:
+    for key in STRUCTURE:
+        if base.get(key) != current[key]:
             raise UserError(
                 f"{path}: this PIB was trained for {key} {base.get(key)!r} but the loaded backbone has "
-                f"{value!r}; load it into the backbone it was trained on "
+                f"{current[key]!r}; load it into the backbone it was trained on "
                 f"({base.get('backbone')!r}, model {base.get('model_id')!r})"
             )
+    differences = base_differences(base, current)
+    if differences is None:
+        logger.warning(
+            f"{path}: the PIB was trained on {base.get('dtype')} weights and the base is loaded in "
+            f"{current['dtype']}: its fingerprint cannot be compared across these precisions (load it in "
+            "float32 or in the training precision to have it checked)"
+        )
+    elif differences and not allow_base_mismatch:
+        raise UserError(
+            f"{path}: this PIB was trained on another base model ({'; '.join(differences)}); load it onto "
+            "the base it was trained on, or pass --allow-base-mismatch (allow_base_mismatch=True) to use it anyway"
+        )
+    elif differences:
+        logger.warning(f"{path}: loaded onto another base model than it was trained on ({'; '.join(differences)})")
 
 
-def load_checkpoint(path: str | os.PathLike, backbone):
-    """Build a :class:`~mllm_pib.model.PIBModel` from ``backbone`` and a checkpoint."""
+def base_differences(recorded: dict, current: dict) -> list[str] | None:
+    """``["field: recorded → current", ...]`` when the base weights differ, ``[]`` when they are
+    the same, ``None`` when the two precisions cannot be compared.
+
+    The fingerprints are compared at the narrower precision of the two: a base loaded in float32
+    rounds its sample to the precision the PIB was trained in, and a PIB trained in float32
+    recorded its sample rounded to each half precision. bfloat16 against float16 cannot be compared.
+    """
+    dtypes = {recorded.get("dtype", "float32"), current["dtype"]}
+    narrower = dtypes - {"float32"} or {"float32"}
+    if len(narrower) > 1:
+        return None
+    (dtype,) = narrower
+    old, new = _fingerprint_at(recorded, dtype), _fingerprint_at(current, dtype)
+    if old is None:
+        return None
+    if old == new:
+        return []
+    at = "" if dtype == "float32" else f" (compared in {dtype})"
+    differences = [f"fingerprint: {old} → {new}{at}"]
+    if recorded.get("model_id") != current["model_id"]:
+        differences.append(f"model_id: {recorded.get('model_id')!r} → {current['model_id']!r}")
+    return differences
+
+
+def _fingerprint_at(identity: dict, dtype: str) -> str | None:
+    if identity.get("dtype", "float32") == dtype:
+        return identity.get("fingerprint")
+    return identity.get("fingerprints", {}).get(dtype)
+
+
+def load_checkpoint(path: str | os.PathLike, backbone, *, allow_base_mismatch: bool = False):
+    """Build a :class:`~mllm_pib.model.PIBModel` from ``backbone`` and a checkpoint, after
+    checking it was trained on this base (see :func:`check_base`)."""
     from mllm_pib.freezing import add_lora
     from mllm_pib.model import PIBModel
 
     config, state, meta = read_checkpoint(path)
-    check_compatible(meta, backbone, path)
-    model = PIBModel(backbone, PostInteractionBlock(config))
     policy = FreezePolicy.model_validate(meta.get("freeze_policy", {}))
+    check_base(meta, backbone.identity(exclude=policy.trained_backbone_parts), path, allow_base_mismatch)
+    model = PIBModel(backbone, PostInteractionBlock(config))
     if policy.uses_lora:
         add_lora(model.parts()["llm"], policy.lora)
     if policy.trains_lm_head:
@@ -151,34 +198,42 @@ def load_parts(model, state: dict[str, torch.Tensor], path) -> None:
 
 
 EXPORT_SUBDIR = "pib"
+EXPORT_OUTPUT = OutputKind(command="export", what="exported model", writes=(), done=EXPORT_SUBDIR)
 
 
-def export_model(pib_path: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, **options) -> Path:
+def export_model(
+    pib_path: str | os.PathLike, base: str | os.PathLike, out: str | os.PathLike, *,
+    allow_base_mismatch: bool = False, overwrite: bool = False, **options,
+) -> Path:
     """Write a standalone model directory: the base model in its own layout, plus the PIB
     checkpoint (with the trained head or adapters) under ``pib/``. Every command that takes a
-    model path loads it whole with :func:`load_model`."""
+    model path loads it whole with :func:`load_model`. A folder that is not empty is refused
+    unless it holds an earlier export and ``overwrite`` is set (see :mod:`mllm_pib.outputs`)."""
     from mllm_pib.plugins import get_backbone
 
     _, _, meta = read_checkpoint(pib_path)
+    output = claim(out, EXPORT_OUTPUT, overwrite=overwrite)
     base_meta = meta["base_model"]
     options = {"feature": base_meta["feature"], **options}
     backbone = get_backbone(base_meta["backbone"]).load(str(base), **options)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: the export directory exists and is not empty; choose a new path")
-    with atomic_directory(out) as tmp:
+    with output.staged() as tmp:
         backbone.save_pretrained(str(tmp))  # the original weights: the reference stays intact
-        model = load_checkpoint(pib_path, backbone)
+        model = load_checkpoint(pib_path, backbone, allow_base_mismatch=allow_base_mismatch)
         policy = FreezePolicy.model_validate(meta["freeze_policy"])
+        # records the base saved here (its frozen parts are unchanged by the load)
         save_checkpoint(tmp / EXPORT_SUBDIR, model, policy, extra={"exported_from": str(pib_path)})
-    return out
+    return output.path
 
 
-def load_model(model_path: str, backbone: str | None = None, pib: str | None = None, **options):
+def load_model(
+    model_path: str, backbone: str | None = None, pib: str | None = None, *,
+    allow_base_mismatch: bool = False, **options,
+):
     """Load a :class:`~mllm_pib.model.PIBModel` from one path.
 
     ``model_path`` is a base model (then the PIB comes from ``pib``, or is the identity) or an
-    exported directory (base + ``pib/``). The backbone name defaults to the PIB's.
+    exported directory (base + ``pib/``). The backbone name defaults to the PIB's. A PIB is
+    refused on a base other than its own unless ``allow_base_mismatch`` (see :func:`check_base`).
     """
     from mllm_pib.model import PIBModel
     from mllm_pib.plugins import get_backbone
@@ -200,5 +255,5 @@ def load_model(model_path: str, backbone: str | None = None, pib: str | None = N
         options.setdefault("feature", base_meta["feature"])
     loaded = get_backbone(name).load(model_path, **options)
     if pib:
-        return load_checkpoint(pib, loaded)
+        return load_checkpoint(pib, loaded, allow_base_mismatch=allow_base_mismatch)
     return PIBModel(loaded).eval()

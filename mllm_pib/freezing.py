@@ -61,6 +61,11 @@ class FreezePolicy(BaseModel):
     def trains_lm_head(self) -> bool:
         return self.parts.get("lm_head") == "train"
 
+    @property
+    def trained_backbone_parts(self) -> list[str]:
+        """Backbone parts whose weights train whole (a checkpoint carries them)."""
+        return sorted(part for part, mode in self.parts.items() if part != "pib" and mode == "train")
+
     def apply(self, model) -> list["PartReport"]:
         """Set ``requires_grad`` on every part of ``model`` and return a per-part report."""
         available = model.parts()

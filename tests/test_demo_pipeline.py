@@ -95,7 +95,7 @@ def check_report(report: dict, out: Path) -> None:
             for metric, value in expected.items():
                 assert report[model]["pope"][split][metric] == pytest.approx(value)
                 assert seed[model]["pope"][split][metric] == pytest.approx(value)
-        expected = chair_metrics(out / "seed0" / model / "descriptions.jsonl", data / "chair_objects.jsonl")
+        expected = chair_metrics(out / "seed0" / model / "chair" / "descriptions.jsonl", data / "chair_objects.jsonl")
         for metric, value in expected.items():
             assert report[model]["chair"][metric] == pytest.approx(value)
 

@@ -7,13 +7,15 @@
 
 Tables show percentages with 2 decimals; ``--json`` prints raw fractions (SHR, a percentage by
 definition, excepted).
+
+Every command that writes a folder records there what produced it; a rerun continues it only
+when nothing changed, and ``--overwrite`` starts afresh (see :mod:`mllm_pib.evaluation.folder`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mllm_pib.commands.options import add_model_arguments, load_model_from_args
@@ -46,15 +48,24 @@ def add_run_parser(groups: argparse._SubParsersAction) -> None:
     run.add_argument("--config", required=True, help="YAML evaluation config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set out=runs/eval2")
+    add_overwrite_argument(run)
     run.add_argument("--json", action="store_true", help="print report.json")
     run.set_defaults(handler=run_suite_command)
+
+
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh: delete what an earlier evaluation wrote in the output folder (only that). Without "
+        "it, an earlier evaluation of the same model, inputs and settings is continued and any other refused",
+    )
 
 
 def run_suite_command(args: argparse.Namespace) -> int:
     from mllm_pib.config import load_config
     from mllm_pib.evaluation.report import EvalRunConfig, markdown, run_suite
 
-    report = run_suite(load_config(args.config, args.overrides, model=EvalRunConfig))
+    report = run_suite(load_config(args.config, args.overrides, model=EvalRunConfig), overwrite=args.overwrite)
     print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
 
@@ -87,6 +98,7 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
                       help="hadpo: the raw question (as HA-DPO scored); llava: add the single-word instruction")
     pope.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
     pope.add_argument("--max-new-tokens", type=int, default=64, help="cap per answer (default 64)")
+    add_overwrite_argument(pope)
     pope.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
     pope.set_defaults(handler=lambda args: run_pope_model(args) if args.model else pope.print_help() or 2)
     commands = pope.add_subparsers(dest="pope_command", metavar="COMMAND")
@@ -139,6 +151,7 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     build.add_argument("--images", type=int, required=True, metavar="N", help="number of images to sample")
     build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     build.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    add_overwrite_argument(build)
     build.set_defaults(handler=run_pope_build)
     return pope
 
@@ -152,7 +165,8 @@ def run_pope_model(args: argparse.Namespace) -> int:
             raise UserError(f"eval pope with --model needs --{flag}")
     model = load_model_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_at_sentence_end=True)
-    report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels, settings=settings)
+    report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels,
+                           settings=settings, overwrite=args.overwrite)
     if distributed()[0] == 0:
         print(json.dumps(report, indent=2) if args.json else format_pope_table(report))
     return 0
@@ -183,18 +197,21 @@ def run_pope_score(args: argparse.Namespace) -> int:
 def format_pope_table(report: dict) -> str:
     """Per-split metrics in percent (2 decimals) and confusion counts, then the mean F1."""
     header = ("split", *POPE_COLUMNS, *COUNT_COLUMNS)
+    from mllm_pib.evaluation.pope import split_scores
+
     rows = [header]
-    for split, m in report.items():
-        if split != "mean_f1":
-            rows.append((split, *(f"{100 * m[c]:.2f}" for c in POPE_COLUMNS), *(str(m[c]) for c in COUNT_COLUMNS)))
+    for split, m in split_scores(report).items():
+        rows.append((split, *(f"{100 * m[c]:.2f}" for c in POPE_COLUMNS), *(str(m[c]) for c in COUNT_COLUMNS)))
     return _table(rows) + f"\nmean F1: {100 * report['mean_f1']:.2f}"
 
 
 def run_pope_build(args: argparse.Namespace) -> int:
-    from mllm_pib.evaluation import pope
+    from mllm_pib.evaluation import folder, pope
 
     if args.images < 1:
         raise UserError(f"--images must be at least 1, got {args.images}")
+    identity = folder.identity(None, {"annotations": [args.annotations]}, {"images": args.images, "seed": args.seed})
+    folder.open_folder(args.out, folder.POPE_SPLITS, identity, args.overwrite)
     splits = pope.build_splits(pope.load_object_images(args.annotations), args.images, args.seed)
     for path, questions in zip(pope.write_splits(splits, args.out), splits.values()):
         print(f"{path}: {len(questions)} questions")
@@ -276,6 +293,7 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
     shr.add_argument("--max-new-tokens", type=int, default=512, help="cap per description (default 512)")
     shr.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default 4)")
     add_judge_arguments(shr, required=False)
+    add_overwrite_argument(shr)
     shr.add_argument("--json", action="store_true", help="print the metrics as JSON")
     shr.set_defaults(handler=lambda args: run_shr_model(args) if args.model else shr.print_help() or 2)
     commands = shr.add_subparsers(dest="shr_command", metavar="COMMAND")
@@ -298,6 +316,7 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
     judge.add_argument("--vg-dir", required=True, metavar="DIR", help="image_data.json and region_descriptions.json")
     judge.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_judge_arguments(judge)
+    add_overwrite_argument(judge)
     judge.add_argument("--json", action="store_true", help="print the metrics as JSON")
     judge.set_defaults(handler=run_shr_judge)
     return shr
@@ -319,7 +338,7 @@ def add_judge_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
-def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConfig:
+def judge_config(args: argparse.Namespace) -> JudgeConfig:
     """A :class:`~mllm_pib.evaluation.judge.JudgeConfig` from :func:`add_judge_arguments` options."""
     from pydantic import ValidationError
 
@@ -333,46 +352,34 @@ def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConf
             concurrency=args.judge_concurrency,
             max_retries=args.judge_retries,
             timeout_s=args.judge_timeout,
-            cache_path=cache_path,
         )
     except ValidationError as err:
         raise UserError(f"bad judge options: {err}") from None
 
 
 def run_shr_model(args: argparse.Namespace) -> int:
-    from mllm_pib.data.images import ImageResolver
-    from mllm_pib.evaluation.runner import GenerationSettings, distributed
-    from mllm_pib.evaluation.shr import load_val_image_ids
-    from mllm_pib.evaluation.suite import describe_images
+    from mllm_pib.evaluation.runner import GenerationSettings
+    from mllm_pib.evaluation.suite import evaluate_shr
 
     for flag in ("shr_dir", "vg_dir", "out", "judge_url", "judge_model"):
         if getattr(args, flag) is None:
             raise UserError(f"eval shr with --model needs --{flag.replace('_', '-')}")
+    judge = judge_config(args)
     model = load_model_from_args(args)
-    resolve = ImageResolver(args.vg_dir)
-    images = {image_id: resolve(image_id) for image_id in load_val_image_ids(args.shr_dir)}
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
-    descriptions = describe_images(model, images, Path(args.out) / "descriptions.jsonl", settings=settings)
-    if distributed()[0] != 0:
-        return 0
-    return judge_and_print(args, descriptions)
+    metrics = evaluate_shr(model, args.shr_dir, args.vg_dir, judge, args.out, settings=settings, overwrite=args.overwrite)
+    return 0 if metrics is None else print_shr(args, metrics)  # None: not the first process
 
 
 def run_shr_judge(args: argparse.Namespace) -> int:
-    from mllm_pib.io import read_json
+    from mllm_pib.evaluation.suite import judge_descriptions
 
-    descriptions = read_json(args.descriptions)
-    if not isinstance(descriptions, dict) or not all(isinstance(v, str) for v in descriptions.values()):
-        raise UserError(f"{args.descriptions}: expected a JSON object of image id -> description text")
-    return judge_and_print(args, descriptions)
+    metrics = judge_descriptions(args.descriptions, args.shr_dir, args.vg_dir, judge_config(args), args.out,
+                                 overwrite=args.overwrite)
+    return print_shr(args, metrics)
 
 
-def judge_and_print(args: argparse.Namespace, descriptions: dict) -> int:
-    from mllm_pib.evaluation.judge import JudgeClient
-    from mllm_pib.evaluation.shr import run_shr
-
-    client = JudgeClient(judge_config(args, Path(args.out) / "judge_cache.jsonl"))
-    metrics = run_shr(descriptions, args.shr_dir, args.vg_dir, client, args.out)
+def print_shr(args: argparse.Namespace, metrics: dict) -> int:
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0

@@ -20,8 +20,9 @@ def evaluate_model(
     settings: EvalConfig,
     out_dir: str | Path,
 ) -> dict:
-    """``{"pope": {split: metrics, ..., "mean_f1"}, "chair": {chair_s, chair_i, recall, ...}}``;
-    answers, descriptions and per-description CHAIR details are written under ``out_dir``."""
+    """``{"pope": {split: metrics, ..., "mean_f1", "identity"}, "chair": {chair_s, chair_i, recall,
+    ..., "identity"}}``; POPE answers and scores go to ``out_dir/pope``, descriptions and
+    per-description CHAIR details to ``out_dir/chair``."""
     from mllm_pib.checkpoint import load_model
     from mllm_pib.evaluation.runner import GenerationSettings
     from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
@@ -35,7 +36,7 @@ def evaluate_model(
         ),
     )
     chair_report = evaluate_chair(
-        model, data.chair_images, [data.chair_annotations], out, synonyms=data.chair_synonyms,
+        model, data.chair_images, [data.chair_annotations], out / "chair", synonyms=data.chair_synonyms,
         settings=GenerationSettings(max_new_tokens=settings.max_description_tokens, batch_size=settings.batch_size),
     )
     return {"pope": pope_report, "chair": chair_report}

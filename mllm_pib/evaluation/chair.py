@@ -200,6 +200,14 @@ def load_ground_truth(paths: Iterable[str | Path], vocab: ChairVocabulary) -> di
     image listed in an instances file without annotations has no objects.
     """
     truth: dict[int, set[str]] = {}
+    for path in annotation_files(paths):
+        for image_id, objects in _file_objects(path, vocab):
+            truth.setdefault(image_id, set()).update(objects)
+    return truth
+
+
+def annotation_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The annotation files ``paths`` name (a directory: its instances and captions files)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -209,10 +217,7 @@ def load_ground_truth(paths: Iterable[str | Path], vocab: ChairVocabulary) -> di
             files.extend(found)
         else:
             files.append(path)
-    for path in files:
-        for image_id, objects in _file_objects(path, vocab):
-            truth.setdefault(image_id, set()).update(objects)
-    return truth
+    return files
 
 
 def _file_objects(path: Path, vocab: ChairVocabulary) -> Iterable[tuple[int, list[str]]]:

@@ -337,10 +337,21 @@ def score(questions: list[PopeQuestion], answers: Mapping[int, str]) -> dict[str
 
 
 def report(scores: Mapping[str, PopeScores]) -> dict:
-    """The JSON report: ``{split: PopeScores.to_dict(), ..., "mean_f1": mean F1 over splits}``."""
+    """The JSON report: ``{split: PopeScores.to_dict(), ..., "mean_f1": mean F1 over splits}``
+    (a report written by an evaluation also holds its ``identity``)."""
     out: dict = {split: s.to_dict() for split, s in scores.items()}
     out["mean_f1"] = _ratio(sum(s.f1 for s in scores.values()), len(scores))
     return out
+
+
+def split_scores(report: Mapping) -> dict[str, dict]:
+    """The per-split entries of a report (see :func:`report`)."""
+    return {split: scores for split, scores in report.items() if split not in ("mean_f1", "identity")}
+
+
+def label_files(labels_dir: str | Path) -> list[Path]:
+    """The ``coco_pope_{category}.json`` label files of a labels directory."""
+    return sorted(Path(labels_dir).glob("coco_pope_*.json"))
 
 
 # ---------------------------------------------------------------------------- building splits

@@ -1,9 +1,10 @@
 """``mllm-pib eval run``: several models on the same benchmarks, one report.
 
 The config lists (backbone, model, pib) entries and the benchmarks to run (POPE on its splits,
-CHAIR, and SHR when a judge is configured). Each model's outputs go to ``out/<name>/`` (answers
-and descriptions are resumable); the comparison goes to ``report.json``, ``report.md`` and PNG
-charts.
+CHAIR, and SHR when a judge is configured). Each model's outputs go to ``out/<name>/<benchmark>/``,
+evaluation folders that a rerun continues when nothing they depend on changed (see
+:mod:`~mllm_pib.evaluation.folder`); the comparison goes to ``report.json`` (each benchmark's
+scores with their identity), ``report.md`` and PNG charts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ModelEntry(Strict):
     backbone: str
     model: str
     pib: str | None = None
+    allow_base_mismatch: bool = Field(default=False, description="load the PIB onto a base other than its own")
     options: dict = Field(default_factory=dict)
 
 
@@ -74,20 +76,24 @@ class EvalRunConfig(Strict):
     shr: ShrSection | None = None
 
 
-def run_suite(config: EvalRunConfig) -> dict:
-    """Evaluate every model on every configured benchmark; returns and writes the report."""
+def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
+    """Evaluate every model on every configured benchmark; returns and writes the report.
+    ``overwrite`` starts every evaluation folder afresh."""
+    from mllm_pib import __version__
     from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation.folder import REPORT, open_folder
 
     names = [entry.name for entry in config.models]
     if len(set(names)) != len(names):
         raise UserError(f"eval run: model names must be unique, got {names}")
-    out = Path(config.out)
+    out = open_folder(config.out, REPORT, {"mllm_pib_version": __version__}, overwrite)
     report: dict = {"models": {}}
     for entry in config.models:
-        model = load_model(entry.model, backbone=entry.backbone, pib=entry.pib, **entry.options)
+        model = load_model(entry.model, backbone=entry.backbone, pib=entry.pib,
+                           allow_base_mismatch=entry.allow_base_mismatch, **entry.options)
         report["models"][entry.name] = {
             "backbone": entry.backbone, "model": entry.model, "pib": entry.pib,
-            **evaluate_model(model, config, out / entry.name),
+            **evaluate_model(model, config, out / entry.name, overwrite),
         }
         del model
     atomic_write_json(out / "report.json", report)
@@ -96,7 +102,7 @@ def run_suite(config: EvalRunConfig) -> dict:
     return report
 
 
-def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
+def evaluate_model(model, config: EvalRunConfig, out: Path, overwrite: bool = False) -> dict:
     from mllm_pib.evaluation.suite import evaluate_pope
 
     results: dict = {}
@@ -104,15 +110,15 @@ def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
         p = config.pope
         settings = GenerationSettings(max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, stop_at_sentence_end=True)
         results["pope"] = evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels,
-                                        settings=settings)
+                                        settings=settings, overwrite=overwrite)
     if config.chair:
-        results["chair"] = evaluate_chair(model, config.chair, out / "chair")
+        results["chair"] = evaluate_chair(model, config.chair, out / "chair", overwrite)
     if config.shr:
-        results["shr"] = evaluate_shr(model, config.shr, out / "shr")
+        results["shr"] = evaluate_shr(model, config.shr, out / "shr", overwrite)
     return results
 
 
-def evaluate_chair(model, section: ChairSection, out: Path) -> dict:
+def evaluate_chair(model, section: ChairSection, out: Path, overwrite: bool = False) -> dict:
     from mllm_pib.evaluation import chair
     from mllm_pib.evaluation.suite import evaluate_chair as describe_and_score
 
@@ -123,22 +129,17 @@ def evaluate_chair(model, section: ChairSection, out: Path) -> dict:
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
     return describe_and_score(model, images, section.annotations, out, synonyms=section.synonyms,
-                              prompt=section.prompt, settings=settings)
+                              prompt=section.prompt, settings=settings, overwrite=overwrite)
 
 
-def evaluate_shr(model, section: ShrSection, out: Path) -> dict:
-    from mllm_pib.data.images import ImageResolver
-    from mllm_pib.evaluation.judge import JudgeClient, JudgeConfig
-    from mllm_pib.evaluation.shr import load_val_image_ids, run_shr
-    from mllm_pib.evaluation.suite import describe_images
+def evaluate_shr(model, section: ShrSection, out: Path, overwrite: bool = False) -> dict:
+    from mllm_pib.evaluation.judge import JudgeConfig
+    from mllm_pib.evaluation.suite import evaluate_shr as describe_and_judge
 
-    resolve = ImageResolver(section.vg_dir)
-    images = {i: resolve(i) for i in load_val_image_ids(section.shr_dir)}
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
-    descriptions = describe_images(model, images, out / "descriptions.jsonl", settings=settings)
-    judge = JudgeClient(JudgeConfig(**section.judge.model_dump(), cache_path=out / "judge_cache.jsonl"))
-    return run_shr(descriptions, section.shr_dir, section.vg_dir, judge, out)
+    return describe_and_judge(model, section.shr_dir, section.vg_dir, JudgeConfig(**section.judge.model_dump()), out,
+                              settings=settings, overwrite=overwrite)
 
 
 def markdown(report: dict) -> str:
@@ -155,14 +156,15 @@ def markdown(report: dict) -> str:
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
+    from mllm_pib.evaluation.pope import split_scores
+
     metrics: dict[str, float] = {}
-    for split, scores in result.get("pope", {}).items():
-        if split == "mean_f1":
-            metrics["POPE mean F1"] = 100 * scores
-        else:
+    if "pope" in result:
+        for split, scores in split_scores(result["pope"]).items():
             metrics[f"POPE {split} F1"] = 100 * scores["f1"]
             metrics[f"POPE {split} acc"] = 100 * scores["accuracy"]
             metrics[f"POPE {split} yes"] = 100 * scores["yes_ratio"]
+        metrics["POPE mean F1"] = 100 * result["pope"]["mean_f1"]
     if "chair" in result:
         metrics["CHAIR_s"] = 100 * result["chair"]["chair_s"]
         metrics["CHAIR_i"] = 100 * result["chair"]["chair_i"]

@@ -6,6 +6,10 @@ batches with left padding, appends each answer to a per-rank JSON-lines file as 
 exists (a killed run resumes where it stopped, whatever the number of processes), and merges
 the ranks' files by id into one answers file. Under ``torchrun --nproc_per_node N`` each rank
 answers every N-th pending item; the merged file is identical to a single process's.
+
+Every rank reads what is already answered before any rank writes (a barrier separates the two),
+so all ranks see the same pending list and their slices partition it; a rank only ever trims or
+appends to its own part file.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 from mllm_pib.data.images import ImageError, open_image
 from mllm_pib.errors import UserError
 from mllm_pib.evaluation.pope import AnswerWriter
-from mllm_pib.io import atomic_write_text, read_jsonl, repair_jsonl_tail
+from mllm_pib.io import atomic_write_text, read_jsonl, read_text
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ def distributed() -> tuple[int, int]:
 
 
 def barrier() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """Wait for every process (starting the process group under torchrun if needed)."""
+    if distributed()[1] > 1:
         import torch.distributed as dist
 
         dist.barrier()
@@ -70,9 +75,10 @@ def generate_answers(
     out_file = Path(out_file)
     rank, world = distributed()
     done = _answered(out_file)
+    barrier()  # every rank has read before any rank writes: the pending list is the same everywhere
     pending = [item for item in items if item.item_id not in done]
-    with AnswerWriter(_rank_file(out_file, rank)) as writer:
-        mine = [item for item in pending[rank::world] if item.item_id not in writer.answered]
+    mine = pending[rank::world]
+    with AnswerWriter(_rank_file(out_file, rank)) as writer:  # trims a torn last line of this rank's file
         stop = _sentence_stop(model) if settings.stop_at_sentence_end else None
         bar = tqdm(total=len(mine), desc=desc, unit="item", disable=rank != 0)
         for start in range(0, len(mine), settings.batch_size):
@@ -105,22 +111,38 @@ def _part_files(out_file: Path) -> list[Path]:
 
 
 def _answered(out_file: Path) -> set[int]:
+    """Ids answered in the merged file and the part files; reads only, so that a line another
+    rank is writing right now, or an earlier crash cut short, is not counted (nor removed)."""
     ids: set[int] = set()
     for path in [out_file, *_part_files(out_file)]:
-        if path.exists():
-            repair_jsonl_tail(path)
-            ids.update(int(r["question_id"]) for r in read_jsonl(path))
+        ids.update(int(record["question_id"]) for record in _complete_records(path))
     return ids
 
 
+def _complete_records(path: Path) -> list[dict]:
+    """The newline-terminated records of a JSON-lines file (none when it is absent)."""
+    if not path.exists():
+        return []
+    text = read_text(path)
+    complete = text[: text.rfind("\n") + 1]
+    records = []
+    for lineno, line in enumerate(complete.split("\n"), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    return records
+
+
 def _merge(out_file: Path) -> None:
-    """Fold the ranks' files into ``out_file``, sorted by id, atomically; then drop them."""
+    """Fold the ranks' files into ``out_file``, sorted by id, atomically; then drop them (a torn
+    last line, e.g. of a rank of an earlier run with more processes, is dropped with them)."""
     records: dict[int, dict] = {}
     parts = _part_files(out_file)
     for path in [out_file, *parts]:
-        if path.exists():
-            for record in read_jsonl(path):
-                records.setdefault(int(record["question_id"]), record)
+        for record in _complete_records(path):
+            records.setdefault(int(record["question_id"]), record)
     lines = [json.dumps(records[key], ensure_ascii=False) for key in sorted(records)]
     atomic_write_text(out_file, "".join(line + "\n" for line in lines))
     for path in parts:

@@ -250,8 +250,19 @@ def load_shr_images(shr_dir: str | Path, vg_dir: str | Path, image_ids: set[int]
     return out
 
 
+def input_files(shr_dir: str | Path, vg_dir: str | Path) -> list[Path]:
+    """Every file SHR reads (the images excepted)."""
+    shr_dir, vg_dir = Path(shr_dir), Path(vg_dir)
+    return [shr_dir / "val_images_final.json", *_factual_files(shr_dir),
+            vg_dir / "image_data.json", vg_dir / "region_descriptions.json"]
+
+
+def _factual_files(shr_dir: Path) -> list[Path]:
+    return sorted(shr_dir.glob("shr_factual_part*.jsonl"))
+
+
 def _load_facts(shr_dir: Path) -> dict[int, list[str]]:
-    parts = sorted(shr_dir.glob("shr_factual_part*.jsonl"))
+    parts = _factual_files(shr_dir)
     if not parts:
         raise UserError(f"{shr_dir}: no shr_factual_part*.jsonl files")
     facts: dict[int, list[str]] = {}
@@ -285,13 +296,15 @@ def run_shr(
     vg_dir: str | Path,
     judge: Judge,
     out_dir: str | Path,
+    identity: dict | None = None,
 ) -> dict:
     """Judge ``descriptions`` (VG image id -> model description) and write the results.
 
     Writes ``out_dir/judgements.jsonl`` (per image: ``image_id``, ``description``, ``status``,
     ``reply``, ``sentences`` with ``label`` and ``reason``) and ``out_dir/metrics.json``
-    (:func:`shr_metrics` plus ``val_images`` and ``described_images``). Images without any
-    sentence are recorded without asking the judge. Returns the metrics.
+    (:func:`shr_metrics` plus ``val_images``, ``described_images`` and the evaluation's
+    ``identity`` when given). Images without any sentence are recorded without asking the
+    judge. Returns the metrics.
     """
     by_id = {_image_id({"image_id": k}, "descriptions"): v for k, v in descriptions.items()}
     images = load_shr_images(shr_dir, vg_dir, set(by_id))
@@ -315,6 +328,8 @@ def run_shr(
         }
         lines.append(record)
     metrics = {**shr_metrics(judged), "val_images": len(load_val_image_ids(shr_dir)), "described_images": len(images)}
+    if identity is not None:
+        metrics["identity"] = identity
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "judgements.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     atomic_write_json(out_dir / "metrics.json", metrics)

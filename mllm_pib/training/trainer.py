@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from mllm_pib.checkpoint import load_parts, read_checkpoint, save_checkpoint
+from mllm_pib.checkpoint import check_base, load_parts, read_checkpoint, save_checkpoint
 from mllm_pib.errors import UserError
 from mllm_pib.log import get_logger
 from mllm_pib.training.preference import PreferenceStep
@@ -62,9 +62,10 @@ class PreferenceModule(nn.Module):
 
 class PIBTrainer(Trainer):
     """Args: ``model`` (the :class:`~mllm_pib.model.PIBModel` that ``step`` trains), ``step``,
-    ``policy`` (what trains, hence what checkpoints keep), and ``Trainer``'s keyword arguments."""
+    ``policy`` (what trains, hence what checkpoints keep), ``allow_base_mismatch`` (resume from a
+    checkpoint saved on other base weights), and ``Trainer``'s keyword arguments."""
 
-    def __init__(self, model, *, step: PreferenceStep, policy, **kwargs):
+    def __init__(self, model, *, step: PreferenceStep, policy, allow_base_mismatch: bool = False, **kwargs):
         if step.model is not model:
             raise ValueError("the preference step must train the model given to the trainer")
         args = kwargs.get("args")
@@ -74,15 +75,19 @@ class PIBTrainer(Trainer):
         super().__init__(model=PreferenceModule(step), **kwargs)
         self.pib_model = model
         self.policy = policy
+        self.allow_base_mismatch = allow_base_mismatch
         self._metrics: dict[str, list[float]] = defaultdict(list)
         with _gathered(list(model.backbone.parameters())):  # its fingerprint samples the weights
-            self._identity = model.backbone.identity()
+            self._identity = model.backbone.identity(exclude=policy.trained_backbone_parts)
 
     # --- training ---------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """``resume_from_checkpoint=True`` resumes from the newest complete checkpoint."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = self._checkpoint_to_resume()
+        if resume_from_checkpoint:  # under every engine: DeepSpeed resumes without _load_from_checkpoint
+            meta = read_checkpoint(resume_from_checkpoint)[2]
+            check_base(meta, self._identity, resume_from_checkpoint, self.allow_base_mismatch)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
