@@ -17,6 +17,8 @@ from mllm_pib.cli import main
 from mllm_pib.config import load_config
 from mllm_pib.freezing import FreezePolicy
 from mllm_pib.model import PIBModel
+from mllm_pib.outputs import claim
+from mllm_pib.training.run import TRAIN_OUTPUT
 from mllm_pib.training.trainer import checkpoint_problem, sorted_checkpoints
 from test_training import write_config
 from toy_backbone import ToyBackbone
@@ -68,7 +70,8 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_weights_bit_for_bit(config
         assert torch.equal(whole[name], again[name]), name
     losses = lambda path: [h["loss"] for h in json.loads((path / "log_history.json").read_text()) if "loss" in h]  # noqa: E731
     assert losses(out)[-9:] == losses(tmp_path / "whole")[-9:]  # steps 4-12, after the resume
-    assert [c.name for c in sorted_checkpoints(out)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9", "checkpoint-12"]
+    # the newest three (training.save_total_limit's default)
+    assert [c.name for c in sorted_checkpoints(out)] == ["checkpoint-6", "checkpoint-9", "checkpoint-12"]
 
 
 def toy_checkpoint(path: Path, step: int) -> Path:
@@ -101,6 +104,7 @@ def test_a_partial_checkpoint_is_never_taken_for_a_complete_one(tmp_path, damage
 
 
 def test_resume_without_a_complete_checkpoint_is_a_clear_error(config, tmp_path, capsys):
+    claim(tmp_path, TRAIN_OUTPUT).prepare()  # a folder of an earlier run
     toy = toy_checkpoint(tmp_path, 3)
     (toy / "trainer_state.json").unlink()
     assert main(["train", "--config", str(config), *RUN, "--output-dir", str(tmp_path), "--resume"]) == 2

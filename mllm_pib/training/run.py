@@ -11,6 +11,7 @@ import torch
 
 from mllm_pib.checkpoint import CONFIG_FILE, META_FILE, WEIGHTS_FILE
 from mllm_pib.config import TrainConfig
+from mllm_pib import ranks
 from mllm_pib.data.dataset import PreferenceCollator, PreferenceDataset
 from mllm_pib.data.images import ImageResolver
 from mllm_pib.data.records import READERS, BadRecordBudget
@@ -28,12 +29,23 @@ TRAIN_CONFIG = "train_config.json"
 
 
 def bootstrap(config: TrainConfig) -> None:
-    """Create the tiny model and synthetic data a self-contained config asks for, if absent."""
+    """Create the tiny model and synthetic data a self-contained config asks for, if absent: on
+    rank 0, while the other processes of a launcher wait for them (each appears atomically)."""
     boot = config.bootstrap
-    if boot.tiny_model and config.model and not (Path(config.model) / "config.json").is_file():
+
+    def model_missing() -> bool:
+        return bool(boot.tiny_model and config.model and not (Path(config.model) / "config.json").is_file())
+
+    def data_missing() -> bool:
+        return bool(boot.synthetic_scenes and boot.data_dir and not all(Path(s.path).exists() for s in config.data))
+
+    if not ranks.is_first():
+        ranks.wait_for_first(lambda: not (model_missing() or data_missing()), "the tiny model and synthetic data")
+        return
+    if model_missing():
         logger.info(f"bootstrap: writing a tiny random {config.backbone} model to {config.model}")
         get_backbone(config.backbone).write_tiny(config.model, seed=boot.seed)
-    if boot.synthetic_scenes and boot.data_dir and not all(Path(s.path).exists() for s in config.data):
+    if data_missing():
         from mllm_pib.demo.world import World, export_dataset
 
         logger.info(f"bootstrap: exporting {boot.synthetic_scenes} synthetic scenes to {boot.data_dir}")
@@ -55,7 +67,7 @@ def build_dataset(config: TrainConfig, backbone, budget: BadRecordBudget) -> Pre
     read: Counter[str] = Counter()
     sources = []
     for source in config.data:
-        images = ImageResolver(source.images or Path(source.path).parent)
+        images = ImageResolver(source.images or Path(source.path).parent, allow_outside=config.allow_outside_images)
         sources.append(_counted(READERS[source.format](source.path, images, budget), read, source.path))
     dataset = PreferenceDataset(itertools.chain(*sources), backbone, budget, config.max_length)
     if not len(dataset):
@@ -158,8 +170,9 @@ def train(config: TrainConfig, output_dir: str | None = None, resume: bool = Fal
         raise interrupted(trainer) from None
     out = Path(args.output_dir)
     trainer.save_model(str(out))
-    atomic_write_json(out / LOG_HISTORY, trainer.state.log_history)
-    atomic_write_json(out / TRAIN_CONFIG, json.loads(config.model_dump_json()))
+    if trainer.is_world_process_zero():
+        atomic_write_json(out / LOG_HISTORY, trainer.state.log_history)
+        atomic_write_json(out / TRAIN_CONFIG, json.loads(config.model_dump_json()))
     logger.info(f"data: {budget.summary()}")
     logger.info(f"saved the PIB checkpoint to {out}")
     if config.pope:
@@ -175,6 +188,8 @@ def wait_for_everyone(args) -> None:
 def interrupted(trainer) -> TrainingInterrupted:
     from mllm_pib.training.trainer import checkpoint_problem, sorted_checkpoints
 
+    # ends the progress bar now: the message must come after it, not under a bar redrawn at exit
+    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
     complete = [c for c in sorted_checkpoints(Path(trainer.args.output_dir)) if checkpoint_problem(c) is None]
     max_steps = trainer.args.max_steps if trainer.args.max_steps > 0 else trainer.state.max_steps
     return TrainingInterrupted(trainer.state.global_step, max_steps, complete[-1] if complete else None)
@@ -188,4 +203,5 @@ def evaluate_trained(model, config: TrainConfig, out: Path) -> dict:
     p = config.pope
     settings = GenerationSettings(max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, stop_at_sentence_end=True)
     with torch.no_grad():
-        return evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels, settings=settings)
+        return evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels, settings=settings,
+                             allow_outside_images=config.allow_outside_images)
