@@ -12,6 +12,7 @@ import pytest
 from mllm_pib.cli import main
 from mllm_pib.errors import UserError
 from mllm_pib.outputs import MARKER, OutputKind, claim
+from test_hardening import cli_error
 from test_training import write_config
 
 KIND = OutputKind(command="thing", what="thing", writes=("result.json", "shard-*"), done="result.json", resumable=True)
@@ -25,12 +26,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def refusal(capsys, *argv: str) -> str:
     """The one-line error of a command that must refuse."""
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err[err.index("error: "):].strip()
-    assert "\n" not in line
-    return line
+    error = cli_error(capsys, *argv)
+    assert "\n" not in error
+    return error
 
 
 @pytest.fixture

@@ -51,9 +51,9 @@ def add_parser(subparsers) -> None:
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                        help="longest answer in tokens (default 512)")
+                        help="longest answer in tokens (default: 512)")
     parser.add_argument("--num-beams", type=int, default=1, metavar="K",
-                        help="beam search width; 1 decodes greedily (default 1)")
+                        help="beam search width; 1 decodes greedily (default: 1)")
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:

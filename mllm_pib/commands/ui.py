@@ -29,8 +29,8 @@ def add_parser(subparsers) -> None:
                         help="labelled POPE questions ({\"image\", \"text\", \"label\"} records)")
     add_decoding_arguments(parser)
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+                        help=f"address to bind (default: {DEFAULT_HOST}, this machine only; 0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.set_defaults(handler=run)
 
 
