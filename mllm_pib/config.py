@@ -17,6 +17,7 @@ from mllm_pib.block import PIBConfig
 from mllm_pib.errors import UserError
 from mllm_pib.evaluation.report import PopeSection
 from mllm_pib.freezing import PRESETS, FreezePolicy
+from mllm_pib.io import read_text
 
 # The block's options without its widths, which come from the backbone.
 PIBOptions = create_model(
@@ -71,6 +72,8 @@ class TrainConfig(Strict):
     loss: LossConfig = Field(default_factory=LossConfig)
     max_length: int = Field(default=2048, gt=0)
     max_bad_records: int = Field(default=100, ge=0)
+    allow_outside_images: bool = Field(
+        default=False, description="use image paths that lead outside their image root (.., absolute, symlinks)")
     feature_cache: str | None = None
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     pope: PopeSection | None = Field(default=None, description="POPE evaluation of the trained PIB")
@@ -132,10 +135,10 @@ def _typed(key: str, value: Any, default: Any) -> Any:
 def load_config(path: str | Path, overrides: list[str] = (), model=TrainConfig):
     """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), validate."""
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
+        raw = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: invalid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -105,10 +105,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Parse a whole JSON document, naming the file and line of a syntax error."""
+def read_json(path: str | os.PathLike, errors: str = "strict") -> Any:
+    """Parse a whole JSON document, naming the file and line of a syntax error (``errors``: as
+    for :func:`read_text`)."""
     try:
-        return json.loads(read_text(path))
+        return json.loads(read_text(path, errors))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
 
@@ -156,11 +157,13 @@ def repair_jsonl_tail(path: str | os.PathLike) -> int:
     return len(data) - keep
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The UTF-8 text of ``path``; a missing, unreadable or non-text file is a :class:`UserError`."""
+def read_text(path: str | os.PathLike, errors: str = "strict") -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or non-text file is a :class:`UserError`.
+    ``errors="surrogateescape"`` keeps bytes that are not UTF-8 as lone surrogates (U+DC80-DCFF)
+    for the caller to find, where one bad record must not reject a whole file."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8", errors=errors)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:

@@ -26,10 +26,13 @@ class _Stderr(logging.StreamHandler):
 
 
 def configure(level: int = logging.INFO) -> None:
-    """Plain messages on stderr (called once by the CLI)."""
+    """Plain messages on stderr (called once by the CLI). Under a launcher, status messages come
+    from rank 0 alone (the others would repeat them); warnings and errors from every rank."""
+    from mllm_pib.ranks import is_first
+
     logger = logging.getLogger(ROOT)
     if not logger.handlers:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(level if is_first() else max(level, logging.WARNING))

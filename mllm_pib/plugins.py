@@ -28,6 +28,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pluggy
@@ -113,9 +114,12 @@ class RegisteredBackbone:
         """Check ``options`` against the spec, then call the plugin's ``load``."""
         from safetensors import SafetensorError
 
+        from mllm_pib.torch_files import refused_pickles
+
         self.check_options(options)
         try:
-            return self.spec.load(model_path, **options)
+            with refused_pickles(*pickle_files(model_path), what="model weights file"):
+                return self.spec.load(model_path, **options)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
             # a truncated download or another model's directory fails deep in the loader
             detail = (str(err).strip().splitlines() or [""])[0][:300]
@@ -140,6 +144,13 @@ class RegisteredBackbone:
             self.spec.write_tiny(str(staging), seed=seed, **options)
 
 
+def pickle_files(model_path: str) -> list[Path]:
+    """The PyTorch pickles of a model directory (or the file itself), to name a refused one."""
+    path = Path(model_path or ".")
+    return sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.suffix in PICKLE_SUFFIXES)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMMON_LOAD_OPTIONS = ("dtype", "device")
 TINY_MODEL_OUTPUT = OutputKind(command="tiny-model", what="tiny model", writes=(), done="config.json")
 

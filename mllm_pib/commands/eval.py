@@ -97,6 +97,8 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     pope.add_argument("--style", choices=("hadpo", "llava"), default="hadpo",
                       help="hadpo: the raw question (as HA-DPO scored); llava: add the single-word instruction")
     pope.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    pope.add_argument("--allow-outside-images", action="store_true",
+                      help="use question images that lead outside --images (.., absolute paths, symlinks)")
     pope.add_argument("--max-new-tokens", type=int, default=64, help="cap per answer (default 64)")
     add_overwrite_argument(pope)
     pope.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
@@ -166,7 +168,7 @@ def run_pope_model(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_at_sentence_end=True)
     report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels,
-                           settings=settings, overwrite=args.overwrite)
+                           settings=settings, overwrite=args.overwrite, allow_outside_images=args.allow_outside_images)
     if distributed()[0] == 0:
         print(json.dumps(report, indent=2) if args.json else format_pope_table(report))
     return 0

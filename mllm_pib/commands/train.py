@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", "--output-dir", dest="output_dir", metavar="DIR",
                         help="where the run goes (default: the config's training.output_dir)")
     add_overwrite_arguments(parser, resume=True)
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="use data images that lead outside their image root (.., absolute paths, symlinks); "
+                        "sets allow_outside_images")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="resume even when the checkpoint was saved on other base weights than the model loaded")
     parser.set_defaults(handler=run)
@@ -34,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_pib.training.run import TrainingInterrupted, train
 
     overrides = list(args.overrides) + ([f"backbone={args.backbone}"] if args.backbone else [])
+    overrides += ["allow_outside_images=true"] if args.allow_outside_images else []
     config = load_config(args.config, overrides)
     try:
         train(config, output_dir=args.output_dir, resume=args.resume, overwrite=args.overwrite,

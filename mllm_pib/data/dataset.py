@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mllm_pib.data.images import ImageError, open_image
+from mllm_pib.ranks import is_first
 from mllm_pib.data.records import BadRecordBudget, PreferencePair
 
 
@@ -32,7 +33,7 @@ class PreferenceDataset(Dataset):
     def __init__(self, pairs, backbone, budget: BadRecordBudget, max_length: int):
         self.backbone = backbone
         self.items: list[TokenisedPair] = []
-        for pair in tqdm(list(pairs), desc="checking data", unit="pair", leave=False):
+        for pair in tqdm(list(pairs), desc="checking data", unit="pair", leave=False, disable=not is_first()):
             reason = self._problem(pair, max_length)
             if reason:
                 budget.skip(pair.source, pair.index, reason)

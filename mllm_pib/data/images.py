@@ -1,7 +1,9 @@
 """Finding and opening images safely.
 
 Visual Genome images are found through ``image_data.json`` (its ``url`` names ``VG_100K/…`` or
-``VG_100K_2/…``); any other folder is searched for ``{image_id}.{jpg,jpeg,png}``.
+``VG_100K_2/…``); any other folder is searched for ``{image_id}.{jpg,jpeg,png}``. A path a
+record names (``../secret.png``, ``/etc/…``, a symlink to elsewhere) must lead, once its
+symlinks are resolved, to a file inside the image root, unless outside paths are allowed.
 """
 
 from __future__ import annotations
@@ -12,39 +14,65 @@ from pathlib import Path
 
 from PIL import Image
 
+from mllm_pib.errors import UserError
+
 SUFFIXES = (".jpg", ".jpeg", ".png")
-# Images above this many pixels are refused (decompression bombs); 16k x 16k is far above any dataset.
-MAX_PIXELS = 16384 * 16384
+ALLOW_HINT = "set allow_outside_images: true (or pass --allow-outside-images) to use images outside it"
+
+
+def max_pixels() -> int:
+    """Images above this many pixels are refused as decompression bombs: Pillow's limit,
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default, e.g. 9459 x 9459), read when used."""
+    return Image.MAX_IMAGE_PIXELS
 
 
 class ImageError(ValueError):
     """An image that cannot be used; the message says why."""
 
 
-class ImageResolver:
-    """Maps an image id (or a relative path) to a file under ``root``."""
+class ImageOutsideRoot(ImageError, UserError):
+    """An image path that leads outside its image root."""
 
-    def __init__(self, root: str | Path):
+
+def inside_root(root: str | Path, name: str | Path, allow_outside: bool = False) -> Path:
+    """``root / name``, with its symlinks resolved, refused when it leaves ``root`` (resolved too)
+    unless ``allow_outside``. The resolved path is returned, so that the checked file is the one
+    opened."""
+    path = Path(root) / name
+    if allow_outside:
+        return path
+    real, base = path.resolve(), Path(root).resolve()
+    if real != base and base not in real.parents:
+        raise ImageOutsideRoot(f"{str(name)!r} leads to {real}, outside the image root {base}; {ALLOW_HINT}")
+    return real
+
+
+class ImageResolver:
+    """Maps an image id (or a path relative to ``root``) to a file under ``root``; a path leading
+    outside it raises :class:`ImageOutsideRoot` unless ``allow_outside``."""
+
+    def __init__(self, root: str | Path, allow_outside: bool = False):
         self.root = Path(root)
+        self.allow_outside = allow_outside
         self.vg_paths: dict[str, Path] = {}
         index = self.root / "image_data.json"
         if index.is_file():
             for entry in json.loads(index.read_text()):
                 parts = entry["url"].rstrip("/").split("/")
-                self.vg_paths[str(entry["image_id"])] = self.root / parts[-2] / parts[-1]
+                self.vg_paths[str(entry["image_id"])] = Path(parts[-2]) / parts[-1]
 
     def __call__(self, image: str | int) -> Path:
-        key = str(image)
+        return inside_root(self.root, self._relative(str(image)), self.allow_outside)
+
+    def _relative(self, key: str) -> Path | str:
         if key in self.vg_paths:
             return self.vg_paths[key]
-        direct = self.root / key
-        if direct.suffix.lower() in SUFFIXES or direct.is_file():
-            return direct
+        if Path(key).suffix.lower() in SUFFIXES or (self.root / key).is_file():
+            return key
         for suffix in SUFFIXES:
-            candidate = self.root / f"{key}{suffix}"
-            if candidate.is_file():
-                return candidate
-        return self.root / f"{key}.jpg"
+            if (self.root / f"{key}{suffix}").is_file():
+                return f"{key}{suffix}"
+        return f"{key}.jpg"
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -53,18 +81,18 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ImageError(f"image file not found: {path}")
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's check, at max_pixels()
         try:
             with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"image too large ({image.width}x{image.height}): {path}")
                 if image.width == 0 or image.height == 0:
                     raise ImageError(f"empty image: {path}")
                 image.load()
                 return to_rgb(image)
         except ImageError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ImageError(f"image too large: more than {max_pixels():,} pixels (the decompression bomb limit): {path}") from None
+        except (OSError, ValueError, SyntaxError) as err:
             raise ImageError(f"cannot decode image {path}: {err}") from None
 
 

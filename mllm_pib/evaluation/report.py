@@ -74,6 +74,7 @@ class EvalRunConfig(Strict):
     pope: PopeSection | None = None
     chair: ChairSection | None = None
     shr: ShrSection | None = None
+    allow_outside_images: bool = Field(default=False, description="use POPE images outside pope.images")
 
 
 def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
@@ -110,7 +111,8 @@ def evaluate_model(model, config: EvalRunConfig, out: Path, overwrite: bool = Fa
         p = config.pope
         settings = GenerationSettings(max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, stop_at_sentence_end=True)
         results["pope"] = evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels,
-                                        settings=settings, overwrite=overwrite)
+                                        settings=settings, overwrite=overwrite,
+                                        allow_outside_images=config.allow_outside_images)
     if config.chair:
         results["chair"] = evaluate_chair(model, config.chair, out / "chair", overwrite)
     if config.shr:

@@ -44,6 +44,7 @@ def evaluate_pope(
     labels: str | Path | None = None,
     settings: GenerationSettings = GenerationSettings(max_new_tokens=64, stop_at_sentence_end=True),
     overwrite: bool = False,
+    allow_outside_images: bool = False,
 ) -> dict:
     """Answer and score POPE question files; writes ``answers_<name>.jsonl`` per question file
     and ``pope.json`` (the report keyed by split, plus ``mean_f1`` and the ``identity``). A rerun
@@ -57,7 +58,8 @@ def evaluate_pope(
     scores: dict[str, pope.PopeScores] = {}
     for path in files:
         items = pope.load_questions(path, labels)
-        pending = [EvalItem(q.question_id, Path(images) / q.image, pope.format_prompt(q.text, style)) for q in items]
+        pending = [EvalItem(q.question_id, _pope_image(images, q, path, allow_outside_images),
+                            pope.format_prompt(q.text, style)) for q in items]
         answers = generate_answers(model, pending, out_dir / f"answers_{path.stem}.jsonl", settings, desc=f"POPE {path.stem}")
         for split, result in pope.score(items, answers).items():
             if split in scores:
@@ -68,6 +70,16 @@ def evaluate_pope(
     if distributed()[0] == 0:
         atomic_write_json(out_dir / "pope.json", report)
     return report
+
+
+def _pope_image(root, question, path: Path, allow_outside: bool) -> Path:
+    """A question's image, inside ``root`` unless ``allow_outside`` (see :mod:`mllm_pib.data.images`)."""
+    from mllm_pib.data.images import ImageOutsideRoot, inside_root
+
+    try:
+        return inside_root(root, question.image, allow_outside)
+    except ImageOutsideRoot as err:
+        raise UserError(f"{path}: question {question.question_id}: field 'image': {err}") from None
 
 
 def describe_images(

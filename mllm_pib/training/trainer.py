@@ -8,7 +8,8 @@ loads checkpoints in the PIB format (trained weights only), and makes runs crash
 - resuming picks the newest *complete* ``checkpoint-N`` (a run killed while saving leaves an
   incomplete one, which is skipped and removed);
 - a non-finite loss, or non-finite trained weights at a save, stop every process with an error
-  naming the step and the pairs, before anything is written over the last good checkpoint.
+  naming the step and the pairs, before anything is written over the last good checkpoint;
+- resuming runs no code from the checkpoint's pickles (:mod:`~mllm_pib.training.safe_resume`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from transformers import Trainer
 from mllm_pib.checkpoint import check_base, load_parts, read_checkpoint, save_checkpoint
 from mllm_pib.errors import UserError
 from mllm_pib.log import get_logger
+from mllm_pib.torch_files import refused_pickles
 from mllm_pib.training.preference import PreferenceStep
+from mllm_pib.training.safe_resume import TAMPERED, load_deepspeed_checkpoint
 
 logger = get_logger(__name__)
 
@@ -160,6 +163,32 @@ class PIBTrainer(Trainer):
         _, state, _ = read_checkpoint(resume_from_checkpoint)
         load_parts(self.pib_model, state, resume_from_checkpoint)
 
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """Under DeepSpeed the engine's states are loaded here, weights-only, where ``Trainer``
+        would have DeepSpeed unpickle them without restriction."""
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, None)
+        load_deepspeed_checkpoint(self.model_wrapped, resume_from_checkpoint)
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return prepared
+
+    # ``Trainer`` reads these files weights-only; a refusal names the file in one line
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        names = ("scheduler.pt",) if self.is_deepspeed_enabled else ("optimizer.pt", "scheduler.pt")
+        with refused_pickles(*_existing(checkpoint, names), what="training state file", hint=TAMPERED):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        with refused_pickles(*_existing(checkpoint, ("scaler.pt",)), what="training state file", hint=TAMPERED):
+            super()._load_scaler(checkpoint)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        name = f"rng_state_{self.args.process_index}.pth" if self.args.world_size > 1 else "rng_state.pth"
+        with refused_pickles(*_existing(checkpoint, (name,)), what="training state file", hint=TAMPERED):
+            super()._load_rng_state(checkpoint)
+
     def _checkpoint_to_resume(self) -> str:
         out = Path(self.args.output_dir)
         checkpoints = sorted_checkpoints(out)
@@ -184,6 +213,10 @@ class PIBTrainer(Trainer):
         if not checkpoints:
             return "No checkpoint had been saved yet."
         return f"The last good checkpoint, {checkpoints[-1]}, is intact."
+
+
+def _existing(checkpoint: str | None, names: tuple[str, ...]) -> list[Path]:
+    return [Path(checkpoint) / name for name in names if checkpoint and (Path(checkpoint) / name).is_file()]
 
 
 def check_engine_supports(args, policy) -> None:

@@ -30,13 +30,13 @@ Expected inputs:
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from mllm_pib.errors import UserError
+from mllm_pib.torch_files import load_torch_file
 
 logger = logging.getLogger(__name__)
 
@@ -138,14 +138,7 @@ def _unknown_keys_message(source: str, unknown: list[str]) -> str:
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``torch.save`` file, unwrapping LAVIS's ``{"model": ...}``; tensors only."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"{path}: cannot be read as a PyTorch state dict with weights_only=True ({first_line}); "
-            "expected a LAVIS checkpoint or a file written by torch.save(state_dict)"
-        ) from None
+    loaded = load_torch_file(path, what="LAVIS checkpoint")
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mllm_pib.errors import UserError
+from mllm_pib.torch_files import load_torch_file
 
 IMAGE_TOKEN = "<image>"
 KEY_PREFIXES = (  # original prefix -> llava-hf prefix
@@ -56,7 +57,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             state.update(load_file(file))
         else:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            state.update(load_torch_file(file, what="LLaVA weights file"))
     return state
 
 

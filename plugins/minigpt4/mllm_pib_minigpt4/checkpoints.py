@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from mllm_pib.errors import UserError
+from mllm_pib.torch_files import load_torch_file
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2Config
 
@@ -49,10 +50,7 @@ def read_projection(proj_path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"MiniGPT-4 projection checkpoint {path} does not exist; pass the published "
                         "pretrained_minigpt4*.pth file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling, zip and weights-only errors alike
-        raise UserError(f"{path} cannot be read as a weights-only torch checkpoint: {err}") from err
+    checkpoint = load_torch_file(path, what="MiniGPT-4 projection checkpoint")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     missing = [key for key in PROJ_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
