@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if updated != current:
             print(f"error: {README.name}'s demo table is not the one {KEPT_REPORT.name} gives; run "
-                  f"`python scripts/readme_demo_table.py {KEPT_REPORT.relative_to(ROOT)}`", file=sys.stderr)
+                  f"`python scripts/readme_demo_table.py {KEPT_REPORT}`", file=sys.stderr)
             return 1
         return 0
     if args.report.resolve() != KEPT_REPORT:

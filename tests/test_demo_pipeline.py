@@ -77,8 +77,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 # --- the whole demo -------------------------------------------------------------------------------
 
 
-def run_cli(capsys, out: Path, cache: Path) -> dict:
-    code = main(["demo", "--quick", "--json", "--out", str(out), "--cache-dir", str(cache)])
+def run_cli(capsys, out: Path, cache: Path, *flags: str) -> dict:
+    code = main(["demo", "--quick", "--json", "--out", str(out), "--cache-dir", str(cache), *flags])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)  # stdout holds the report alone
     assert printed == json.loads((out / "report.json").read_text())
@@ -100,7 +100,7 @@ def check_report(report: dict, out: Path) -> None:
             assert report[model]["chair"][metric] == pytest.approx(value)
 
     # the DPO loss went down: read back from the trainer's own log
-    history = json.loads((Path(seed["training"]["checkpoint"]) / "log_history.json").read_text())
+    history = json.loads((out / seed["training"]["checkpoint"] / "log_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) >= 4
     assert (seed["training"]["first_loss"], seed["training"]["last_loss"]) == (losses[0], losses[-1])
@@ -113,22 +113,31 @@ def check_report(report: dict, out: Path) -> None:
     assert "POPE adversarial F1" in markdown and "CHAIR_i" in markdown
 
 
-def test_quick_demo_reports_consistent_numbers_and_reuses_the_cached_model(tmp_path, capsys):
-    cache = tmp_path / "cache"
-    first = run_cli(capsys, tmp_path / "one", cache)
-    assert first["base_model"]["cached"] is False
-    check_report(first, tmp_path / "one")
+def test_quick_demo_writes_the_same_report_on_a_fresh_rerun_and_reuses_the_cached_model(tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "demo"
+    first = run_cli(capsys, out, cache)
+    run = json.loads((out / "run.json").read_text())
+    assert run["base_model"]["cached"] is False and first["threads"] == 1
+    check_report(first, out)
     (model_dir,) = (cache / "demo").iterdir()  # nothing else left behind, no temporary folder
-    assert str(model_dir) == first["base_model"]["path"] and (model_dir / FINISHED).is_file()
-    assert model_dir.name == DemoConfig.quick().backbone_key()
+    assert str(model_dir) == run["base_model"]["path"] and (model_dir / FINISHED).is_file()
+    assert model_dir.name == first["base_model"]["key"] == DemoConfig.quick().backbone_key()
+    report = (out / "report.json").read_bytes()
+
+    # the folder holds a finished demo: refused, then replaced on request; a second run from a
+    # fresh cache (the base model pretrained again) writes the very same report.json
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache2")]) == 2
+    assert "holds a finished demo report of an earlier `mllm-pib demo`; give --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "cache2").exists()
+    run_cli(capsys, out, tmp_path / "cache2", "--overwrite")
+    assert json.loads((out / "run.json").read_text())["base_model"]["cached"] is False
+    assert (out / "report.json").read_bytes() == report
 
     before = snapshot(model_dir)
-    second = run_cli(capsys, tmp_path / "two", cache)
-    assert second["base_model"]["cached"] is True and second["base_model"]["path"] == str(model_dir)
+    again = pretrained_base_model(DemoConfig.quick(), cache, progress=False)
+    assert (again.cached, again.path) == (True, model_dir)
     assert snapshot(model_dir) == before  # not pretrained again, not rewritten
-    assert second["base_model"]["pretraining_seconds"] == first["base_model"]["pretraining_seconds"]
-    # same model, same held-out data: the base model's answers are the same
-    assert second["before"] == first["before"]
+    assert again.record["seconds"] == run["base_model"]["pretraining_seconds"]
 
 
 def test_cli_refuses_bad_counts(capsys):
