@@ -85,7 +85,8 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
         description=(
             "With --model: answer POPE questions with a backbone (+ PIB) in batches (greedy, left "
             "padding, each answer stopped at its first sentence end), append answers as they come "
-            "(a rerun resumes), then score. Runs sharded under torchrun --nproc_per_node N. "
+            "(a rerun of the same evaluation resumes), then score. Runs sharded under torchrun "
+            "--nproc_per_node N. "
             "Sub-commands score an existing answers file or build question splits."
         ),
     )
@@ -96,10 +97,10 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     pope.add_argument("--labels", metavar="DIR", help="label files for LLaVA's combined question file")
     pope.add_argument("--style", choices=("hadpo", "llava"), default="hadpo",
                       help="hadpo: the raw question (as HA-DPO scored); llava: add the single-word instruction")
-    pope.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default 8)")
+    pope.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch (default: 8)")
     pope.add_argument("--allow-outside-images", action="store_true",
                       help="use question images that lead outside --images (.., absolute paths, symlinks)")
-    pope.add_argument("--max-new-tokens", type=int, default=64, help="cap per answer (default 64)")
+    pope.add_argument("--max-new-tokens", type=int, default=64, help="cap per answer (default: 64)")
     add_overwrite_argument(pope)
     pope.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
     pope.set_defaults(handler=lambda args: run_pope_model(args) if args.model else pope.print_help() or 2)
@@ -151,7 +152,7 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
         help='COCO instances_*.json, or JSON lines of {"image", "objects"}',
     )
     build.add_argument("--images", type=int, required=True, metavar="N", help="number of images to sample")
-    build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    build.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     build.add_argument("--out", required=True, metavar="DIR", help="output directory")
     add_overwrite_argument(build)
     build.set_defaults(handler=run_pope_build)
@@ -291,9 +292,9 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
     shr.add_argument("--shr-dir", metavar="DIR", help="val_images_final.json and shr_factual_part*.jsonl")
     shr.add_argument("--vg-dir", metavar="DIR", help="image_data.json, region_descriptions.json and the VG images")
     shr.add_argument("--out", metavar="DIR", help="output directory")
-    shr.add_argument("--num-beams", type=int, default=5, help="beams per description (default 5, as HA-DPO)")
-    shr.add_argument("--max-new-tokens", type=int, default=512, help="cap per description (default 512)")
-    shr.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default 4)")
+    shr.add_argument("--num-beams", type=int, default=5, help="beams per description (default: 5, as HA-DPO)")
+    shr.add_argument("--max-new-tokens", type=int, default=512, help="cap per description (default: 512)")
+    shr.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default: 4)")
     add_judge_arguments(shr, required=False)
     add_overwrite_argument(shr)
     shr.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -331,12 +332,12 @@ def add_judge_arguments(parser: argparse.ArgumentParser, required: bool = True) 
     )
     parser.add_argument("--judge-model", required=required, metavar="NAME", help="judge model name, e.g. gpt-4")
     parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
-    parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default 4)")
+    parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default: 4)")
     parser.add_argument(
-        "--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default 5)"
+        "--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default: 5)"
     )
     parser.add_argument(
-        "--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)"
+        "--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default: 120)"
     )
 
 
