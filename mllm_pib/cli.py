@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 
 from mllm_pib import __version__
 from mllm_pib.errors import Interrupted, UserError
@@ -46,13 +47,16 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         # paragraphs are separated by blank lines; a paragraph of indented lines is kept as written
-        fill = super()._fill_text
         paragraphs = text.strip("\n").split("\n\n")
         return "\n\n".join(
             "\n".join(indent + line for line in paragraph.splitlines()) if paragraph.startswith(" ")
-            else fill(paragraph, width, indent)
+            else textwrap.fill(" ".join(paragraph.split()), width, initial_indent=indent, subsequent_indent=indent,
+                               break_on_hyphens=False)  # never cut `mllm-pib` or `--max-new-tokens`
             for paragraph in paragraphs
         )
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -4,7 +4,9 @@
     python scripts/readme_demo_table.py --check                 # exit 1 if README.md does not show docs/demo-report.json
 
 The table sits between two marker lines in README.md; everything between them is generated.
-Only a report of the default demo settings at the README's thread count is accepted.
+Only a report of the default demo settings at the README's thread count is accepted, from a run
+that pretrained its base model (its run.json says the model did not come from the cache, which
+older code may have written).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mllm_pib.demo.report import check_readme_report, readme_table
+from mllm_pib.demo.report import RUN, check_readme_report, readme_table
 from mllm_pib.errors import UserError
 from mllm_pib.io import atomic_write_text, read_json
 
@@ -34,6 +36,12 @@ def with_table(readme: str, table: str) -> str:
     return f"{head}{BEGIN}\n{table}{END}{tail}"
 
 
+def check_fresh(run_file: Path) -> None:
+    if read_json(run_file)["base_model"]["cached"]:
+        raise UserError(f"{run_file}: the base model came from the cache; measure from a fresh one "
+                        "(`mllm-pib demo --seeds 3 --cache-dir NEW_EMPTY_DIR`)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", nargs="?", type=Path, help="a demo report.json to publish")
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = read_json(args.report or KEPT_REPORT)
         check_readme_report(report)
+        if args.report is not None:
+            check_fresh(args.report.parent / RUN)
         current = README.read_text(encoding="utf-8")
         updated = with_table(current, readme_table(report))
     except UserError as err:

@@ -83,6 +83,11 @@ def test_the_script_writes_the_table_keeps_the_report_and_checks_it(tmp_path, mo
     measured = tmp_path / "report.json"
     measured.write_text(json.dumps(report()))
     assert script.main(["--check"]) == 2  # nothing kept yet
+    (tmp_path / "run.json").write_text(json.dumps({"base_model": {"cached": True}}))
+    assert script.main([str(measured)]) == 2  # a cached base model may come from older code
+    assert "the base model came from the cache" in capsys.readouterr().err
+    assert f"{script.BEGIN}\nold table\n" in readme.read_text()
+    (tmp_path / "run.json").write_text(json.dumps({"base_model": {"cached": False}}))
     assert script.main([str(measured)]) == 0
     assert readme.read_text() == f"# title\n\nbefore\n{script.BEGIN}\n{readme_table(report())}{script.END}\nafter\n"
     assert json.loads((tmp_path / "docs" / "demo-report.json").read_text()) == report()

@@ -197,7 +197,7 @@ class PIBTrainer(Trainer):
             found = "; ".join(f"{c.name}: {checkpoint_problem(c)}" for c in checkpoints) or "none"
             raise UserError(
                 f"{out}: no complete checkpoint to resume from (checkpoints found: {found}); "
-                "start without --resume, or point --output-dir at the run to continue"
+                "start afresh with --overwrite instead of --resume, or point --out at the run to continue"
             )
         newer = [c for c in checkpoints if step_of(c) > step_of(complete)]
         self.accelerator.wait_for_everyone()  # every process has chosen before anything is removed
