@@ -28,6 +28,11 @@ PIBOptions = create_model(
 )
 
 
+# checkpoint-N folders a run keeps (the newest ones; the final PIB in the output folder is
+# always kept); ``training.save_total_limit: null`` keeps them all
+SAVE_TOTAL_LIMIT = 3
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -107,7 +112,8 @@ class TrainConfig(Strict):
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise UserError(f"training.{key}: not a TrainingArguments field{hint}")
         training = {key: _typed(key, value, fields[key].default) for key, value in self.training.items()}
-        args = {"output_dir": "outputs/pib", "remove_unused_columns": False, "report_to": "none", **training}
+        args = {"output_dir": "outputs/pib", "remove_unused_columns": False, "report_to": "none",
+                "save_total_limit": SAVE_TOTAL_LIMIT, **training}
         try:
             return TrainingArguments(**args)
         except (TypeError, ValueError) as err:
