@@ -155,3 +155,21 @@ def test_the_pixel_limit_enforced_is_the_documented_one(tmp_path):
         text = doc.read_text()
         assert stated in text and "above 16384" not in text, doc  # the limit stated before
 
+
+
+def test_shr_images_are_confined_too(tree, llava):
+    from mllm_pib.checkpoint import load_model
+    from mllm_pib.errors import UserError
+    from mllm_pib.evaluation.judge import JudgeConfig
+    from mllm_pib.evaluation.suite import evaluate_shr
+
+    shr, vg = tree / "shr", tree / "root"
+    shr.mkdir()
+    (shr / "val_images_final.json").write_text(json.dumps([{"image_id": 7}]))
+    (shr / "shr_factual_part1.jsonl").write_text(json.dumps({"7": ["A red square."]}) + "\n")
+    (vg / "image_data.json").write_text(json.dumps([{"image_id": 7, "width": 12, "height": 8,
+                                                     "url": "https://x/VG_100K/../../secret.png"}]))
+    (vg / "region_descriptions.json").write_text("[]")
+    judge = JudgeConfig(url="http://127.0.0.1:9/v1", model="never-asked")
+    with pytest.raises(UserError, match=rf"'\.\./secret\.png' leads to {tree / 'secret.png'}, outside"):
+        evaluate_shr(load_model(llava, backbone="llava"), shr, vg, judge, tree / "out")

@@ -295,6 +295,8 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
     shr.add_argument("--num-beams", type=int, default=5, help="beams per description (default: 5, as HA-DPO)")
     shr.add_argument("--max-new-tokens", type=int, default=512, help="cap per description (default: 512)")
     shr.add_argument("--batch-size", type=int, default=4, help="images per generation batch (default: 4)")
+    shr.add_argument("--allow-outside-images", action="store_true",
+                     help="use VG images that lead outside --vg-dir (.., absolute paths, symlinks)")
     add_judge_arguments(shr, required=False)
     add_overwrite_argument(shr)
     shr.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -370,7 +372,8 @@ def run_shr_model(args: argparse.Namespace) -> int:
     judge = judge_config(args)
     model = load_model_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, batch_size=args.batch_size)
-    metrics = evaluate_shr(model, args.shr_dir, args.vg_dir, judge, args.out, settings=settings, overwrite=args.overwrite)
+    metrics = evaluate_shr(model, args.shr_dir, args.vg_dir, judge, args.out, settings=settings, overwrite=args.overwrite,
+                           allow_outside_images=args.allow_outside_images)
     return 0 if metrics is None else print_shr(args, metrics)  # None: not the first process
 
 

@@ -74,7 +74,7 @@ class EvalRunConfig(Strict):
     pope: PopeSection | None = None
     chair: ChairSection | None = None
     shr: ShrSection | None = None
-    allow_outside_images: bool = Field(default=False, description="use POPE images outside pope.images")
+    allow_outside_images: bool = Field(default=False, description="use POPE and SHR images outside their image folder")
 
 
 def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
@@ -116,7 +116,7 @@ def evaluate_model(model, config: EvalRunConfig, out: Path, overwrite: bool = Fa
     if config.chair:
         results["chair"] = evaluate_chair(model, config.chair, out / "chair", overwrite)
     if config.shr:
-        results["shr"] = evaluate_shr(model, config.shr, out / "shr", overwrite)
+        results["shr"] = evaluate_shr(model, config.shr, out / "shr", overwrite, config.allow_outside_images)
     return results
 
 
@@ -134,14 +134,14 @@ def evaluate_chair(model, section: ChairSection, out: Path, overwrite: bool = Fa
                               prompt=section.prompt, settings=settings, overwrite=overwrite)
 
 
-def evaluate_shr(model, section: ShrSection, out: Path, overwrite: bool = False) -> dict:
+def evaluate_shr(model, section: ShrSection, out: Path, overwrite: bool = False, allow_outside_images: bool = False) -> dict:
     from mllm_pib.evaluation.judge import JudgeConfig
     from mllm_pib.evaluation.suite import evaluate_shr as describe_and_judge
 
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
     return describe_and_judge(model, section.shr_dir, section.vg_dir, JudgeConfig(**section.judge.model_dump()), out,
-                              settings=settings, overwrite=overwrite)
+                              settings=settings, overwrite=overwrite, allow_outside_images=allow_outside_images)
 
 
 def markdown(report: dict) -> str:

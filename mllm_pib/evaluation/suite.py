@@ -137,6 +137,7 @@ def evaluate_shr(
     *,
     settings: GenerationSettings = GenerationSettings(max_new_tokens=512, num_beams=5, batch_size=4),
     overwrite: bool = False,
+    allow_outside_images: bool = False,
 ) -> dict | None:
     """Describe every SHR validation image (resumable, shardable), then judge the descriptions
     (on the first process; the others return ``None``). Writes ``descriptions.jsonl``,
@@ -148,7 +149,7 @@ def evaluate_shr(
     generation = folder.generation_settings(settings, prompt=DESCRIBE_PROMPT)
     identity = folder.identity(model, {"shr": input_files(shr_dir, vg_dir)}, generation, judge=judge_identity(judge))
     folder.open_folder(out_dir, folder.SHR, identity, overwrite)
-    resolve = ImageResolver(vg_dir)
+    resolve = ImageResolver(vg_dir, allow_outside=allow_outside_images)
     images = {image_id: resolve(image_id) for image_id in load_val_image_ids(shr_dir)}
     descriptions = describe_images(model, images, out_dir / "descriptions.jsonl", prompt=DESCRIBE_PROMPT, settings=settings)
     if distributed()[0] != 0:
