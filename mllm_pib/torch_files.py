@@ -5,8 +5,9 @@ anywhere is read only with ``torch.load(weights_only=True)``: torch's restricted
 rebuilds tensors, numbers, strings and plain containers, plus the classes a caller lists in
 ``allowed``, which it may construct from stored arguments and give stored attributes; callers
 list only plain data classes whose construction does nothing else. Any other callable or class
-is refused before it is called or built. A refusal, like a damaged file, is a one-line :class:`UnsafePickleError` that names
-the file and the first thing refused, instead of torch's multi-paragraph message.
+is refused before it is called or built. A refusal, like a damaged file, is a one-line
+:class:`UnsafePickleError` naming the file and the first thing refused, instead of torch's
+multi-paragraph message.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def refused_pickles(*files: str | os.PathLike, what: str = "file", hint: str = C
         if isinstance(err, RuntimeError) and not _is_file_error(err):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafePickleError(f"{' or '.join(map(str, files))}: cannot read this {what} as a PyTorch file ({first})") from None
+        names = " or ".join(map(str, files))
+        raise UnsafePickleError(f"{names}: cannot read this {what} as a PyTorch file ({first})") from None
 
 
 def _culprit(files: tuple) -> str:
