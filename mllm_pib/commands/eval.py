@@ -117,6 +117,12 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
         help="question file paired with the --answers at the same position",
     )
     score.add_argument("--labels", metavar="DIR", help="label files for LLaVA's combined question file")
+    score.add_argument(
+        "--answer-field",
+        choices=("text", "answer"),
+        help="the field to score when records carry both 'text' and 'answer' (by default such a "
+        "record is refused unless both are equal)",
+    )
     score.add_argument("--json", action="store_true", help="print one JSON object keyed by split")
     score.set_defaults(handler=run_pope_score)
 
@@ -124,9 +130,11 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
         "build",
         help="build POPE splits from object annotations",
         description=(
-            "Sample N images with at least 3 objects; per image ask about its first 3 objects "
-            "(yes) each followed by one absent object (no) chosen at random, by frequency "
-            "(popular) or by co-occurrence with the positive (adversarial). Writes "
+            "POPE's own sampling (seeded; the same seed gives the files POPE's main.py writes after "
+            "random.seed(SEED)): sample N images with at least --sample-num objects; per image ask "
+            "about its first --sample-num objects (yes), each followed by one object absent from it "
+            "(no), drawn from the sampled images' objects at random, by frequency (popular) or by "
+            "co-occurrence with the positive (adversarial). Writes "
             "coco_pope_{random,popular,adversarial}.json (JSON lines)."
         ),
     )
@@ -138,6 +146,10 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
     )
     build.add_argument("--images", type=int, required=True, metavar="N", help="number of images to sample")
     build.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    build.add_argument(
+        "--sample-num", type=int, default=3, metavar="K",
+        help="positive questions per image, and the objects an image needs to be sampled (default 3)",
+    )
     build.add_argument("--out", required=True, metavar="DIR", help="output directory")
     build.set_defaults(handler=run_pope_build)
     return pope
@@ -169,7 +181,7 @@ def run_pope_score(args: argparse.Namespace) -> int:
     scores = {}
     for answers_path, questions_path in zip(args.answers, args.questions):
         questions = pope.load_questions(questions_path, args.labels)
-        answers = pope.read_answers(answers_path)
+        answers = pope.read_answers(answers_path, args.answer_field)
         pope.check_answer_ids(questions, answers, f"{answers_path} vs {questions_path}")
         split_scores = pope.score(questions, answers)
         if clash := sorted(set(split_scores) & set(scores)):
@@ -195,7 +207,7 @@ def run_pope_build(args: argparse.Namespace) -> int:
 
     if args.images < 1:
         raise UserError(f"--images must be at least 1, got {args.images}")
-    splits = pope.build_splits(pope.load_object_images(args.annotations), args.images, args.seed)
+    splits = pope.build_splits(pope.load_object_images(args.annotations), args.images, args.seed, args.sample_num)
     for path, questions in zip(pope.write_splits(splits, args.out), splits.values()):
         print(f"{path}: {len(questions)} questions")
     return 0
