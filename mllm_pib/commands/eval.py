@@ -157,11 +157,12 @@ def add_pope_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 def run_pope_model(args: argparse.Namespace) -> int:
     from mllm_pib.evaluation.runner import GenerationSettings, distributed
-    from mllm_pib.evaluation.suite import evaluate_pope
+    from mllm_pib.evaluation.suite import evaluate_pope, load_pope_sets
 
     for flag in ("questions", "images", "out"):
         if getattr(args, flag) is None:
             raise UserError(f"eval pope with --model needs --{flag}")
+    load_pope_sets(args.questions, args.images, args.labels)  # bad inputs fail before the model loads
     model = load_model_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stop_at_sentence_end=True)
     report = evaluate_pope(model, args.questions, args.images, args.out, style=args.style, labels=args.labels, settings=settings)
@@ -223,36 +224,65 @@ def add_chair_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentPar
         description=(
             "CHAIR_s (descriptions with a hallucinated object), CHAIR_i (hallucinated object "
             "mentions) and object recall, against COCO instance + caption annotations or JSON "
-            'lines of {"image_id", "objects"}.'
+            'lines of {"image_id", "objects"} / {"image", "objects"}. --matcher nltk reads words as '
+            "the original CHAIR script does (needs pip install 'mllm-pib[chair]' and NLTK data: "
+            "python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet)."
         ),
     )
     chair.add_argument(
-        "--captions", required=True, metavar="FILE", help='JSON lines (or array) of {"image_id", "caption"}'
+        "--captions",
+        metavar="FILE",
+        help='JSON lines (or array) of {"image_id", "caption"}, or the descriptions.jsonl this tool writes',
     )
     chair.add_argument(
         "--annotations",
-        required=True,
         nargs="+",
         metavar="PATH",
         help="a COCO annotations directory, instances_*.json / captions_*.json files, or objects JSON lines",
     )
     chair.add_argument("--synonyms", metavar="FILE", help="CHAIR synonym list (default: the COCO list shipped)")
+    chair.add_argument(
+        "--matcher",
+        choices=("builtin", "nltk"),
+        default="builtin",
+        help="builtin: rule-based, no data (default); nltk: the original script's tokenizer, POS tagger and "
+        "WordNet lemmatizer",
+    )
     chair.add_argument("--json", action="store_true", help="print metrics and per-caption hallucinations as JSON")
-    chair.set_defaults(handler=run_chair)
+    chair.set_defaults(handler=lambda args: run_chair(args) if args.captions or args.annotations else chair.print_help() or 2)
+    commands = chair.add_subparsers(dest="chair_command", metavar="COMMAND")
+    wordnet = commands.add_parser(
+        "wordnet",
+        help="install WordNet 3.0 for the nltk matcher from a local WordNet database",
+        description=(
+            "Copy a WordNet 3.0 database folder (e.g. Debian's wordnet-base + wordnet-sense-index: "
+            "/usr/share/wordnet) into NLTK's data folder as corpora/wordnet, for machines that cannot "
+            "run the NLTK downloader. The tokenizer and tagger data still come from the downloader."
+        ),
+    )
+    wordnet.add_argument("--source", required=True, metavar="DIR", help="WordNet 3.0 database folder")
+    wordnet.add_argument(
+        "--nltk-data", metavar="DIR", default=str(Path.home() / "nltk_data"), help="NLTK data folder (default ~/nltk_data)"
+    )
+    wordnet.set_defaults(handler=run_chair_wordnet)
     return chair
 
 
 def run_chair(args: argparse.Namespace) -> int:
     from mllm_pib.evaluation import chair
 
-    vocab = chair.ChairVocabulary.from_file(args.synonyms)
-    truth = chair.load_ground_truth(args.annotations, vocab)
-    report = chair.evaluate(chair.load_captions(args.captions), truth, vocab)
+    for flag in ("captions", "annotations"):
+        if getattr(args, flag) is None:
+            raise UserError(f"eval chair needs --{flag}")
+    vocab = chair.ChairVocabulary.from_file(args.synonyms, args.matcher)
+    captions = chair.load_captions(args.captions)
+    truth = chair.load_annotations(args.annotations, vocab).objects
+    report = chair.evaluate(captions, truth, vocab)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
         return 0
     rows = [
-        ("CHAIR_s", "CHAIR_i", "recall", "captions", "mentions", "hallucinated"),
+        ("CHAIR_s", "CHAIR_i", "recall", "captions", "mentions", "hallucinated", "matcher"),
         (
             f"{100 * report.chair_s:.2f}",
             f"{100 * report.chair_i:.2f}",
@@ -260,9 +290,17 @@ def run_chair(args: argparse.Namespace) -> int:
             str(report.captions),
             str(report.mentions),
             str(report.hallucinated_mentions),
+            report.matcher,
         ),
     ]
     print(_table(rows))
+    return 0
+
+
+def run_chair_wordnet(args: argparse.Namespace) -> int:
+    from mllm_pib.evaluation.chair_nltk import install_wordnet
+
+    print(f"WordNet 3.0 installed in {install_wordnet(args.source, args.nltk_data)}")
     return 0
 
 

@@ -23,10 +23,13 @@ def evaluate_model(
     """``{"pope": {split: metrics, ..., "mean_f1"}, "chair": {chair_s, chair_i, recall, ...}}``;
     answers, descriptions and per-description CHAIR details are written under ``out_dir``."""
     from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation import chair
     from mllm_pib.evaluation.runner import GenerationSettings
-    from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
+    from mllm_pib.evaluation.suite import ChairInputs, evaluate_chair, evaluate_pope
 
     out = Path(out_dir)
+    vocab = chair.ChairVocabulary.from_file(data.chair_synonyms)
+    chair_inputs = ChairInputs(vocab, chair.load_annotations([data.chair_annotations], vocab).objects, data.chair_images)
     model = load_model(str(model_path), backbone=backbone, pib=str(pib) if pib else None)
     pope_report = evaluate_pope(
         model, data.pope_dir, data.eval_image_dir, out / "pope",
@@ -35,7 +38,7 @@ def evaluate_model(
         ),
     )
     chair_report = evaluate_chair(
-        model, data.chair_images, [data.chair_annotations], out, synonyms=data.chair_synonyms,
+        model, chair_inputs, out,
         settings=GenerationSettings(max_new_tokens=settings.max_description_tokens, batch_size=settings.batch_size),
     )
     return {"pope": pope_report, "chair": chair_report}

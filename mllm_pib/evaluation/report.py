@@ -9,12 +9,16 @@ charts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_pib.errors import UserError
 from mllm_pib.evaluation.runner import GenerationSettings
 from mllm_pib.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from mllm_pib.evaluation.suite import ChairInputs
 
 
 class Strict(BaseModel):
@@ -33,21 +37,26 @@ class PopeSection(Strict):
     questions: str
     images: str
     labels: str | None = None
-    style: str = "hadpo"
-    batch_size: int = 8
-    max_new_tokens: int = 64
+    style: Literal["hadpo", "llava"] = "hadpo"
+    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
 
 
 class ChairSection(Strict):
     annotations: list[str] = Field(min_length=1, description="COCO instance/caption files or an objects jsonl")
     images: str
-    image_pattern: str = Field(default="COCO_val2014_{image_id:012d}.jpg", description="file name of an image id")
+    image_pattern: str | None = Field(
+        default=None,
+        description="file name of an image id, e.g. COCO_val2014_{image_id:012d}.jpg; "
+        "by default the file names the annotations give",
+    )
     synonyms: str | None = None
+    matcher: Literal["builtin", "nltk"] = Field(default="builtin", description="CHAIR's word matcher")
     limit: int | None = Field(default=None, gt=0, description="describe only the first N annotated images")
     prompt: str = "Describe this image in detail."
-    max_new_tokens: int = 128
-    num_beams: int = 1
-    batch_size: int = 8
+    max_new_tokens: int = Field(default=128, gt=0)
+    num_beams: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)
 
 
 class JudgeSection(Strict):
@@ -78,16 +87,14 @@ def run_suite(config: EvalRunConfig) -> dict:
     """Evaluate every model on every configured benchmark; returns and writes the report."""
     from mllm_pib.checkpoint import load_model
 
-    names = [entry.name for entry in config.models]
-    if len(set(names)) != len(names):
-        raise UserError(f"eval run: model names must be unique, got {names}")
+    chair_inputs = check_inputs(config)
     out = Path(config.out)
     report: dict = {"models": {}}
     for entry in config.models:
         model = load_model(entry.model, backbone=entry.backbone, pib=entry.pib, **entry.options)
         report["models"][entry.name] = {
             "backbone": entry.backbone, "model": entry.model, "pib": entry.pib,
-            **evaluate_model(model, config, out / entry.name),
+            **evaluate_model(model, config, out / entry.name, chair_inputs),
         }
         del model
     atomic_write_json(out / "report.json", report)
@@ -96,8 +103,30 @@ def run_suite(config: EvalRunConfig) -> dict:
     return report
 
 
-def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
-    from mllm_pib.evaluation.suite import evaluate_pope
+def check_inputs(config: EvalRunConfig) -> ChairInputs | None:
+    """Check every model entry and load every benchmark input before any model runs, so a bad
+    path or record fails at once; returns the CHAIR inputs (read once for all models)."""
+    from mllm_pib.evaluation.suite import load_chair_inputs, load_pope_sets
+    from mllm_pib.plugins import get_backbone
+
+    names = [entry.name for entry in config.models]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval run: model names must be unique, got {names}")
+    for entry in config.models:
+        get_backbone(entry.backbone)
+        if entry.pib is not None and not Path(entry.pib).is_dir():
+            raise UserError(f"eval run: model {entry.name!r}: PIB checkpoint {entry.pib} not found")
+    if config.pope:
+        load_pope_sets(config.pope.questions, config.pope.images, config.pope.labels)
+    if not config.chair:
+        return None
+    c = config.chair
+    return load_chair_inputs(c.annotations, c.images, synonyms=c.synonyms, matcher=c.matcher,
+                             image_pattern=c.image_pattern, limit=c.limit)
+
+
+def evaluate_model(model, config: EvalRunConfig, out: Path, chair_inputs: ChairInputs | None = None) -> dict:
+    from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
 
     results: dict = {}
     if config.pope:
@@ -106,24 +135,12 @@ def evaluate_model(model, config: EvalRunConfig, out: Path) -> dict:
         results["pope"] = evaluate_pope(model, p.questions, p.images, out / "pope", style=p.style, labels=p.labels,
                                         settings=settings)
     if config.chair:
-        results["chair"] = evaluate_chair(model, config.chair, out / "chair")
+        c = config.chair
+        settings = GenerationSettings(max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, batch_size=c.batch_size)
+        results["chair"] = evaluate_chair(model, chair_inputs, out / "chair", prompt=c.prompt, settings=settings)
     if config.shr:
         results["shr"] = evaluate_shr(model, config.shr, out / "shr")
     return results
-
-
-def evaluate_chair(model, section: ChairSection, out: Path) -> dict:
-    from mllm_pib.evaluation import chair
-    from mllm_pib.evaluation.suite import evaluate_chair as describe_and_score
-
-    # the annotated images, in id order, limited to the first N
-    truth = chair.load_ground_truth(section.annotations, chair.ChairVocabulary.from_file(section.synonyms))
-    ids = sorted(truth)[: section.limit]
-    images = {i: Path(section.images) / section.image_pattern.format(image_id=i) for i in ids}
-    settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
-                                  batch_size=section.batch_size)
-    return describe_and_score(model, images, section.annotations, out, synonyms=section.synonyms,
-                              prompt=section.prompt, settings=settings)
 
 
 def evaluate_shr(model, section: ShrSection, out: Path) -> dict:
