@@ -315,7 +315,9 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "With --model: describe every SHR validation image (beam search, long answers; "
             "resumable, shardable under torchrun), then judge the descriptions sentence by "
-            "sentence with a judge LLM behind an OpenAI-compatible chat-completions endpoint."
+            "sentence with a judge LLM behind an OpenAI-compatible chat-completions endpoint. "
+            "For SHR comparable with published figures pass HA-DPO's judge prompt with "
+            "--judge-prompt (see docs/evaluation.md)."
         ),
     )
     add_model_arguments(shr, required=False)
@@ -336,7 +338,8 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Judge model descriptions of SHR validation images sentence by sentence with a judge "
             "LLM behind an OpenAI-compatible chat-completions endpoint; writes judgements.jsonl "
             "and metrics.json. Replies are cached in OUT/judge_cache.jsonl, so a rerun asks "
-            "nothing twice."
+            "nothing twice. For SHR comparable with published figures pass HA-DPO's judge "
+            "prompt with --judge-prompt (see docs/evaluation.md)."
         ),
     )
     judge.add_argument(
@@ -354,18 +357,48 @@ def add_shr_parser(groups: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    """The judge endpoint options (shared by every command that asks a judge)."""
+    """The judge options: endpoint, request settings, and how SHR asks and reads."""
     parser.add_argument(
         "--judge-url", required=required, metavar="URL", help="API base URL, e.g. https://api.openai.com/v1"
     )
-    parser.add_argument("--judge-model", required=required, metavar="NAME", help="judge model name, e.g. gpt-4")
+    parser.add_argument("--judge-model", default="gpt-4", metavar="NAME", help="judge model name (default gpt-4, as HA-DPO)")
     parser.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
+    parser.add_argument(
+        "--judge-prompt",
+        metavar="FILE",
+        help="judge prompt template (str.format, three {} fields: regions, facts, sentences); "
+        "default: the built-in prompt, which is not HA-DPO's",
+    )
+    parser.add_argument(
+        "--judge-parser",
+        choices=("hadpo", "lenient"),
+        default="hadpo",
+        help="read replies as HA-DPO's post_process_no_revise (default) or leniently",
+    )
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=15000,
+        metavar="N",
+        help="skip (and count) images whose prompt is longer (default 15000, as HA-DPO's LLaVA-1.5 script; 0: no limit)",
+    )
+    parser.add_argument(
+        "--judge-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a request setting (defaults are HA-DPO's: temperature 0.7, top_p 1, max_tokens 800, "
+        'stop ["###"], logit_bias {"50256": -100}), e.g. --judge-option logit_bias=null (null: not sent)',
+    )
     parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="requests in flight (default 4)")
     parser.add_argument(
         "--judge-retries", type=int, default=5, metavar="N", help="retries of 429/5xx/timeouts (default 5)"
     )
     parser.add_argument(
-        "--judge-timeout", type=float, default=120.0, metavar="S", help="seconds per request (default 120)"
+        "--judge-reasks", type=int, default=5, metavar="N", help="asks again of a reply without a judgement (default 5)"
+    )
+    parser.add_argument(
+        "--judge-timeout", type=float, default=120.0, metavar="S", help="deadline of one whole request (default 120 s)"
     )
 
 
@@ -375,13 +408,24 @@ def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConf
 
     from mllm_pib.evaluation.judge import JudgeConfig
 
+    request = {}
+    for option in args.judge_option:
+        key, sep, value = option.partition("=")
+        try:
+            if not sep:
+                raise ValueError(option)
+            request[key] = json.loads(value)
+        except ValueError:
+            raise UserError(f"--judge-option {option}: expected KEY=JSON, e.g. temperature=0 or stop='[\"###\"]'") from None
     try:
         return JudgeConfig(
             url=args.judge_url,
             model=args.judge_model,
+            request=request,
             api_key_env=args.api_key_env,
             concurrency=args.judge_concurrency,
             max_retries=args.judge_retries,
+            reasks=args.judge_reasks,
             timeout_s=args.judge_timeout,
             cache_path=cache_path,
         )
@@ -389,15 +433,28 @@ def judge_config(args: argparse.Namespace, cache_path: Path | None) -> JudgeConf
         raise UserError(f"bad judge options: {err}") from None
 
 
+def shr_options(args: argparse.Namespace):
+    """The :class:`~mllm_pib.evaluation.shr.ShrOptions` of :func:`add_judge_arguments` options."""
+    from pydantic import ValidationError
+
+    from mllm_pib.evaluation.shr import ShrOptions
+
+    try:
+        return ShrOptions(judge_prompt=args.judge_prompt, parser=args.judge_parser, max_prompt_chars=args.max_prompt_chars)
+    except ValidationError as err:
+        raise UserError(f"bad SHR options: {err}") from None
+
+
 def run_shr_model(args: argparse.Namespace) -> int:
     from mllm_pib.data.images import ImageResolver
     from mllm_pib.evaluation.runner import GenerationSettings, distributed
-    from mllm_pib.evaluation.shr import load_val_image_ids
+    from mllm_pib.evaluation.shr_data import load_val_image_ids
     from mllm_pib.evaluation.suite import describe_images
 
-    for flag in ("shr_dir", "vg_dir", "out", "judge_url", "judge_model"):
+    for flag in ("shr_dir", "vg_dir", "out", "judge_url"):
         if getattr(args, flag) is None:
             raise UserError(f"eval shr with --model needs --{flag.replace('_', '-')}")
+    shr_options(args)  # a bad judge prompt stops here, before any model runs
     model = load_model_from_args(args)
     resolve = ImageResolver(args.vg_dir)
     images = {image_id: resolve(image_id) for image_id in load_val_image_ids(args.shr_dir)}
@@ -419,30 +476,37 @@ def run_shr_judge(args: argparse.Namespace) -> int:
 
 def judge_and_print(args: argparse.Namespace, descriptions: dict) -> int:
     from mllm_pib.evaluation.judge import JudgeClient
-    from mllm_pib.evaluation.shr import run_shr
+    from mllm_pib.evaluation.shr import run_shr, summary
 
+    options = shr_options(args)
     client = JudgeClient(judge_config(args, Path(args.out) / "judge_cache.jsonl"))
-    metrics = run_shr(descriptions, args.shr_dir, args.vg_dir, client, args.out)
+    metrics = run_shr(descriptions, args.shr_dir, args.vg_dir, client, args.out, options)
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
+    hadpo = metrics["hadpo"]
     print(
         _table(
             [
-                ("SHR", "images", "sentences/img", "words/img", "hal sent/img", "hal words/img", "unlabelled"),
+                ("SHR", "hal_sents_ratio", "images", "sentences/img", "words/img", "hal sent/img", "hal words/img"),
                 (
-                    f"{metrics['shr']:.2f}",
+                    _number(metrics["shr"]),
+                    _number(hadpo["hal_sents_ratio"], ".3f"),
                     str(metrics["images"]),
-                    f"{metrics['sentences_per_image']:.2f}",
-                    f"{metrics['words_per_image']:.2f}",
-                    f"{metrics['hal_sentences_per_image']:.2f}",
-                    f"{metrics['hal_words_per_image']:.2f}",
-                    str(sum(metrics["unlabelled_images"].values())),
+                    _number(metrics["sentences_per_image"]),
+                    _number(metrics["words_per_image"]),
+                    _number(metrics["hal_sentences_per_image"]),
+                    _number(metrics["hal_words_per_image"]),
                 ),
             ]
         )
     )
+    print("\n".join(summary(metrics)))
     return 0
+
+
+def _number(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

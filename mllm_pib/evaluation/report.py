@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_pib.errors import UserError
+from mllm_pib.evaluation.judge import JudgeConfig
 from mllm_pib.evaluation.runner import GenerationSettings
+from mllm_pib.evaluation.shr import ShrOptions, summary as shr_summary
 from mllm_pib.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -59,17 +61,12 @@ class ChairSection(Strict):
     batch_size: int = Field(default=8, gt=0)
 
 
-class JudgeSection(Strict):
-    url: str
-    model: str
-    api_key_env: str | None = None
-    concurrency: int = 4
+class ShrSection(ShrOptions):
+    """SHR: where its inputs are, the judge, how descriptions are judged and generated."""
 
-
-class ShrSection(Strict):
     shr_dir: str
     vg_dir: str
-    judge: JudgeSection
+    judge: JudgeConfig
     num_beams: int = 5
     max_new_tokens: int = 512
     batch_size: int = 4
@@ -145,8 +142,9 @@ def evaluate_model(model, config: EvalRunConfig, out: Path, chair_inputs: ChairI
 
 def evaluate_shr(model, section: ShrSection, out: Path) -> dict:
     from mllm_pib.data.images import ImageResolver
-    from mllm_pib.evaluation.judge import JudgeClient, JudgeConfig
-    from mllm_pib.evaluation.shr import load_val_image_ids, run_shr
+    from mllm_pib.evaluation.judge import JudgeClient
+    from mllm_pib.evaluation.shr import run_shr
+    from mllm_pib.evaluation.shr_data import load_val_image_ids
     from mllm_pib.evaluation.suite import describe_images
 
     resolve = ImageResolver(section.vg_dir)
@@ -154,8 +152,8 @@ def evaluate_shr(model, section: ShrSection, out: Path) -> dict:
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
     descriptions = describe_images(model, images, out / "descriptions.jsonl", settings=settings)
-    judge = JudgeClient(JudgeConfig(**section.judge.model_dump(), cache_path=out / "judge_cache.jsonl"))
-    return run_shr(descriptions, section.shr_dir, section.vg_dir, judge, out)
+    judge = JudgeClient(section.judge.model_copy(update={"cache_path": section.judge.cache_path or out / "judge_cache.jsonl"}))
+    return run_shr(descriptions, section.shr_dir, section.vg_dir, judge, out, section)
 
 
 def markdown(report: dict) -> str:
@@ -168,6 +166,8 @@ def markdown(report: dict) -> str:
         cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "POPE and CHAIR figures are percentages; SHR is hallucinated sentences per 100 judged."]
+    lines += [f"- {name} SHR {line}" for name, result in report["models"].items() if "shr" in result
+              for line in shr_summary(result["shr"])]
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +184,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
         metrics["CHAIR_s"] = 100 * result["chair"]["chair_s"]
         metrics["CHAIR_i"] = 100 * result["chair"]["chair_i"]
         metrics["CHAIR recall"] = 100 * result["chair"]["recall"]
-    if "shr" in result:
+    if result.get("shr", {}).get("shr") is not None:
         metrics["SHR"] = result["shr"]["shr"]
     return metrics
 
