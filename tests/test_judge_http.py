@@ -72,7 +72,7 @@ def test_a_dripping_server_cannot_outlast_the_deadline(head, drip, servers):
     with pytest.raises(JudgeError, match=r"no complete reply within 1s"):
         judge.complete("x")
     elapsed = time.monotonic() - started
-    assert 0.9 < elapsed < 1.6, elapsed
+    assert 0.9 < elapsed < 1.8, elapsed  # (unbounded, the drip would last 15-40 s)
 
 
 def test_the_deadline_is_retried_like_a_timeout(servers):
