@@ -15,6 +15,7 @@ the WordNet package from a WordNet 3.0 database folder such as Debian's ``wordne
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -85,7 +86,8 @@ class NltkWords:
 
         self.tokenize = tokenize or nltk.word_tokenize
         self.tag = tag or nltk.pos_tag
-        self.lemmatize = WordNetLemmatizer().lemmatize
+        # a description repeats few distinct words: WordNet's morphology once per (word, tag)
+        self.lemmatize = functools.lru_cache(maxsize=1 << 16)(WordNetLemmatizer().lemmatize)
 
     def __call__(self, text: str) -> list[str]:
         tagged = self.tag(self.tokenize(text.lower()))
