@@ -204,10 +204,10 @@ def test_hand_built_case(tmp_path, capsys):
 
 def test_annotation_files_and_objects_jsonl_agree_with_directory(tmp_path, vocab):
     annotations = coco_dir(tmp_path)
-    from_dir = chair.load_ground_truth([annotations], vocab)
-    from_files = chair.load_ground_truth(
+    from_dir = chair.load_annotations([annotations], vocab).objects
+    from_files = chair.load_annotations(
         [annotations / "captions_val2014.json", annotations / "instances_val2014.json"], vocab
-    )
+    ).objects
     objects = write_jsonl(
         tmp_path / "objects.jsonl",
         [
@@ -216,7 +216,7 @@ def test_annotation_files_and_objects_jsonl_agree_with_directory(tmp_path, vocab
             {"image_id": 3, "objects": ["Elephant"]},
         ],
     )
-    assert from_dir == from_files == chair.load_ground_truth([objects], vocab)
+    assert from_dir == from_files == chair.load_annotations([objects], vocab).objects
     assert from_dir == {1: {"person", "dog", "traffic light", "bench"}, 2: {"toilet", "sink"}, 3: {"elephant"}}
 
 
@@ -231,7 +231,7 @@ def test_unannotated_images_and_unknown_objects_are_errors(tmp_path, vocab, caps
         tmp_path / "objects.jsonl", [{"image_id": 1, "objects": ["dog"]}, {"image_id": 2, "objects": ["spaceship"]}]
     )
     with pytest.raises(UserError, match=r"objects.jsonl record 2: object 'spaceship' is not a COCO object"):
-        chair.load_ground_truth([objects], vocab)
+        chair.load_annotations([objects], vocab)
 
 
 # ---------------------------------------------------------------- real OPERA captions

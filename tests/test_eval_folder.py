@@ -140,6 +140,8 @@ def test_overwrite_deletes_only_what_the_evaluation_wrote(llava, pib, pope_world
 def test_judging_given_descriptions_records_the_judge(tmp_path, capsys):
     from test_shr import DESCRIPTIONS, FakeJudge, shr_inputs
 
+    from mllm_pib.evaluation import shr
+
     shr_dir, vg_dir = shr_inputs(tmp_path)
     (tmp_path / "descriptions.json").write_text(json.dumps({"1": DESCRIPTIONS["1"]}))
     judge = FakeJudge()
@@ -156,8 +158,12 @@ def test_judging_given_descriptions_records_the_judge(tmp_path, capsys):
     finally:
         judge.close()
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert written == metrics and metrics["identity"]["judge"] == {"url": judge.url, "model": "m",
-                                                                   "temperature": 0.7, "max_tokens": None}
+    assert written == metrics and metrics["identity"]["judge"] == {
+        "url": judge.url + "/chat/completions", "model": "m",
+        "request": {"temperature": 0.7, "top_p": 1.0, "n": 1, "max_tokens": 800, "stream": False, "stop": ["###"],
+                    "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": {"50256": -100}},
+        "reasks": 5, "prompt_sha256": sha256(shr.BUILTIN_PROMPT), "parser": "hadpo", "max_prompt_chars": 15000,
+    }
     assert metrics["identity"]["inputs"]["descriptions"] == {"descriptions.json": sha256(tmp_path / "descriptions.json")}
 
 
@@ -187,7 +193,7 @@ def test_pope_build_refuses_other_splits_in_its_folder(tmp_path, capsys):
     from mllm_pib.demo.world import World, export_dataset
 
     paths = export_dataset(World(3).sample(8), tmp_path / "world", seed=3)
-    command = ["eval", "pope", "build", "--annotations", str(paths.objects), "--images", "2", "--out", str(tmp_path / "splits")]
+    command = ["eval", "pope", "build", "--annotations", str(paths.objects), "--images", "3", "--out", str(tmp_path / "splits")]
     assert main(command) == 0
     assert main(command) == 0  # the same build again
     capsys.readouterr()

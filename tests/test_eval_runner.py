@@ -18,7 +18,7 @@ from mllm_pib.evaluation.runner import EvalItem, GenerationSettings, generate_an
 def pope_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("pope-world")
     paths = export_dataset(World(5).sample(8, start=500), root, seed=5)
-    splits = pope.build_splits(pope.load_object_images(paths.objects), num_images=2, seed=0)
+    splits = pope.build_splits(pope.load_object_images(paths.objects), num_images=2, seed=1)
     pope.write_splits(splits, root / "pope")
     return root, paths.image_dir
 
@@ -201,7 +201,7 @@ def test_eval_run_report_for_two_models(pope_world, tiny_model_dir, tmp_path):
         assert set(result["pope"]) == {"random", "popular", "adversarial", "mean_f1", "identity"}
         described = [json.loads(line) for line in (tmp_path / "eval" / name / "chair" / "descriptions.jsonl").read_text().splitlines()]
         vocab = chair.ChairVocabulary.from_file(tmp_path / "synonyms.txt")
-        truth = chair.load_ground_truth([tmp_path / "objects.jsonl"], vocab)
+        truth = chair.load_annotations([tmp_path / "objects.jsonl"], vocab).objects
         expected = chair.evaluate([(d["question_id"], d["text"]) for d in described], truth, vocab).to_dict(per_caption=False)
         assert {k: v for k, v in result["chair"].items() if k != "identity"} == expected
         assert result["chair"]["captions"] == 4

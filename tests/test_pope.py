@@ -225,6 +225,27 @@ def test_seem_json_array_and_answer_field(tmp_path, capsys):
     assert {k: got[k] for k in ("tp", "fp", "tn", "fn")} == {k: expected[k] for k in ("tp", "fp", "tn", "fn")}
 
 
+def test_records_with_both_text_and_answer(tmp_path, capsys):
+    """POPE's evaluate.py scores 'answer'; a record carrying a different 'text' is ambiguous:
+    refused by default, scored from the field the user names, accepted when both agree."""
+    questions = DATA / "coco_head" / "coco_pope_random.json"
+    rows = [json.loads(line) for line in questions.open()]
+    # 'answer' is the truth, 'text' its opposite: the two fields give opposite scores
+    records = [
+        {"question_id": r["question_id"], "text": "No." if r["label"] == "yes" else "Yes.", "answer": r["label"].capitalize()}
+        for r in rows
+    ]
+    answers = write_jsonl(tmp_path / "answers.jsonl", records)
+    argv = ["eval", "pope", "score", "--answers", answers, "--questions", questions, "--json"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and f"{answers} record 1: 'text'" in err and "--answer-field" in err
+    for field, accuracy in (("answer", 1.0), ("text", 0.0)):
+        code, out, _ = run_cli(capsys, *argv, "--answer-field", field)
+        assert code == 0 and json.loads(out)["random"]["accuracy"] == accuracy
+    same = write_jsonl(tmp_path / "same.jsonl", [{**r, "text": r["answer"]} for r in records])
+    assert pope.read_answers(same) == {r["question_id"]: r["answer"] for r in records}
+
+
 def test_several_split_files_in_one_report(tmp_path, capsys):
     argv = ["eval", "pope", "score", "--json"]
     for split in ("random", "popular"):
@@ -363,18 +384,118 @@ def test_build_splits_follow_pope_sampling(tmp_path, capsys):
     def negatives(split: str, image: str) -> list[str]:
         return [o for o, label in splits[split][image] if label == "no"]
 
-    # popular: person 3, car 2, dog 2, then the rest once (ties by name)
-    assert negatives("popular", "img1.jpg") == ["car", "bicycle", "bus"]
-    assert negatives("popular", "img3.jpg") == ["person", "car", "dog"]
-    assert negatives("popular", "img2.jpg") == ["bus", "cat", "couch"]
-    # adversarial: person co-occurs with car and dog twice; dog with person twice, then bicycle
-    adv = negatives("adversarial", "img1.jpg")
-    assert adv[:2] == ["car", "bicycle"] and adv[2] in {"bus", "cat", "couch", "tv"}  # frisbee: random fallback
-    assert negatives("adversarial", "img4.jpg")[:2] == ["dog", "bicycle"]
+    # popular: person 3, then car and dog twice each, in the order they were first seen
+    order = list(splits["popular"])  # the sampling order
+    first_seen = list(dict.fromkeys(o for image in order for o in IMAGES[image]))
+    car_dog = sorted(["car", "dog"], key=first_seen.index)
+    assert negatives("popular", "img3.jpg") == ["person", *car_dog]
+    # adversarial: person co-occurs with car and dog twice; frisbee only with person and dog
+    assert negatives("adversarial", "img1.jpg")[:2] == ["car", "bicycle"]
     # the files are valid POPE question files: perfect answers score 1
     questions = pope.load_questions(tmp_path / "out" / "coco_pope_random.json")
     scores = pope.score(questions, {q.question_id: q.label.capitalize() for q in questions})
     assert scores["random"].accuracy == 1.0 and scores["random"].total == 24
+
+
+# ---------------------------------------------------------------- POPE's sampling, re-implemented
+
+
+def pope_reference_files(records: list[dict], img_num: int, seed: int, sample_num: int = 3) -> dict[str, str]:
+    """What POPE's main.py writes after random.seed(seed), written here from its main.py and
+    utils.py: one random stream for the image sample and then the random, popular and
+    adversarial files in that order; counts in insertion-ordered dicts sorted with a stable
+    descending sort; random negatives by rejection from the sampled images' objects. The
+    question text is the published files' ("an" before a lower-case vowel)."""
+    stream = random.Random(seed)
+    pool = [r for r in records if len(r["objects"]) >= sample_num]
+    chosen = stream.sample(pool, img_num)
+    counts: dict[str, int] = {}
+    pairs: dict[str, dict[str, int]] = {}
+    for r in chosen:
+        for o in r["objects"]:
+            counts[o] = counts.get(o, 0) + 1
+            row = pairs.setdefault(o, {})
+            for other in r["objects"]:
+                if other != o:
+                    row[other] = row.get(other, 0) + 1
+    names = list(counts.keys())
+    popular = [k for k, _ in sorted(counts.items(), key=lambda kv: kv[1], reverse=True)]
+    partners = {o: [k for k, _ in sorted(row.items(), key=lambda kv: kv[1], reverse=True)] for o, row in pairs.items()}
+
+    def line(qid: int, image: str, obj: str, label: str) -> str:
+        text = ("Is there an {} in the image?" if obj[0] in "aeiou" else "Is there a {} in the image?").format(obj)
+        return json.dumps({"question_id": qid, "image": image, "text": text, "label": label}) + "\n"
+
+    files = {}
+    for strategy in ("random", "popular", "adversarial"):
+        lines: list[str] = []
+        for r in chosen:
+            history: list[str] = []
+            for i in range(sample_num):
+                pos = r["objects"][i]
+                history.append(pos)
+                lines.append(line(len(lines) + 1, r["image"], pos, "yes"))
+                candidates = {"random": [], "popular": popular, "adversarial": partners[pos]}[strategy]
+                picked = None
+                for candidate in candidates:
+                    if candidate not in history and candidate not in r["objects"]:
+                        picked = candidate
+                        break
+                if picked is None:
+                    picked = stream.choice(names)
+                    while picked in history or picked in r["objects"]:
+                        picked = stream.choice(names)
+                history.append(picked)
+                lines.append(line(len(lines) + 1, r["image"], picked, "no"))
+        files[strategy] = "".join(lines)
+    return files
+
+
+COCO_NAMES = [line.split(",")[0].strip() for line in (Path(__file__).parent / "data" / "chair" / "synonyms.txt").open()
+              if line.strip()]
+
+
+def coco_shaped_records(n: int, seed: int) -> list[dict]:
+    """COCO-like annotations: 80 categories with skewed frequencies ("person" everywhere),
+    1-12 distinct objects per image in annotation order, COCO file names."""
+    rng = random.Random(seed)
+    weights = [3.0] + [1.0 / (1 + i) ** 0.8 for i in range(len(COCO_NAMES) - 1)]
+    records = []
+    for i in range(n):
+        objects: list[str] = []
+        for _ in range(rng.randint(1, 12)):
+            name = rng.choices(COCO_NAMES, weights)[0]
+            if name not in objects:
+                objects.append(name)
+        records.append({"image": f"COCO_val2014_{100000 + 7 * i:012d}.jpg", "objects": objects})
+    return records
+
+
+@pytest.mark.parametrize("seed, sample_num", [(0, 3), (1, 3), (2024, 4), (5, 1)])
+def test_build_equals_pope_sampling_on_coco_shaped_annotations(tmp_path, capsys, seed, sample_num):
+    records = coco_shaped_records(1200, seed=seed)
+    path = write_jsonl(tmp_path / "segmentation.jsonl", records)
+    argv = ["eval", "pope", "build", "--annotations", path, "--images", 500, "--seed", seed, "--out", tmp_path / "out"]
+    code, _, _ = run_cli(capsys, *argv, "--sample-num", sample_num)
+    assert code == 0
+    expected = pope_reference_files(records, 500, seed, sample_num)
+    for split in pope.SPLITS:
+        assert (tmp_path / "out" / f"coco_pope_{split}.json").read_text() == expected[split], split
+        assert len(expected[split].splitlines()) == 500 * sample_num * 2
+
+
+def test_build_equals_pope_sampling_on_the_world(tmp_path):
+    """The world has 12 object kinds: popular and adversarial candidates often run out, so the
+    random fallback (and its shared random stream) is exercised in every split."""
+    from mllm_pib.demo.world import World, export_dataset
+
+    paths = export_dataset(World(3).sample(150), tmp_path / "world", seed=3)
+    records = [{"image": r["image"], "objects": r["objects"]} for r in map(json.loads, paths.objects.open())]
+    for seed in (0, 7):
+        got = pope.build_splits(pope.load_object_images(paths.objects), 60, seed)
+        written = pope.write_splits(got, tmp_path / f"out{seed}")
+        expected = pope_reference_files(records, 60, seed)
+        assert [p.read_text() for p in written] == [expected[s] for s in pope.SPLITS]
 
 
 def test_build_is_seeded_and_reads_simple_jsonl(tmp_path):
@@ -383,10 +504,10 @@ def test_build_is_seeded_and_reads_simple_jsonl(tmp_path):
         write_jsonl(tmp_path / "objects.jsonl", [{"image": k, "objects": v} for k, v in IMAGES.items()])
     )
     assert coco == simple
-    runs = [pope.build_splits(simple, 3, seed) for seed in (0, 0, 1, 2, 3, 4)]
+    runs = [pope.build_splits(simple, 4, seed) for seed in (0, 0, 1, 2, 3, 4)]
     assert runs[0] == runs[1]
     assert any(run != runs[0] for run in runs[2:])
-    assert [q["question_id"] for q in runs[0]["popular"]] == list(range(1, 19))
+    assert [q["question_id"] for q in runs[0]["popular"]] == list(range(1, 25))
 
 
 def test_build_needs_enough_images(tmp_path):
@@ -397,5 +518,5 @@ def test_build_needs_enough_images(tmp_path):
 
 def test_build_refuses_when_no_negative_is_left(tmp_path):
     images = [pope.ObjectImage("only.jpg", ("cat", "dog", "bird"))]
-    with pytest.raises(UserError, match="only.jpg: every annotated object is present"):
+    with pytest.raises(UserError, match="only.jpg: every object of the sampled images is present"):
         pope.build_splits(images, 1, 0)

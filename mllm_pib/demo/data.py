@@ -16,7 +16,6 @@ from pathlib import Path
 from mllm_pib.demo import world as W
 from mllm_pib.demo.config import EVAL_OFFSET, SEED_STRIDE, DemoConfig
 from mllm_pib.evaluation import pope
-from mllm_pib.io import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def prepare_seed_data(config: DemoConfig, seed: int, out_dir: str | Path, progre
     annotations = out / "eval" / "chair_objects.jsonl"
     W.write_jsonl(annotations, [{"image_id": s.image_id, "objects": list(s.words)} for s in described])
     synonyms = out / "eval" / "chair_synonyms.txt"
-    atomic_write_text(synonyms, "".join(f"{kind.word}\n" for kind in W.KINDS))
+    W.write_synonyms(synonyms)
     return SeedData(
         preference=preference,
         eval_image_dir=image_dir,

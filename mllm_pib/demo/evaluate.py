@@ -24,10 +24,15 @@ def evaluate_model(
     ..., "identity"}}``; POPE answers and scores go to ``out_dir/pope``, descriptions and
     per-description CHAIR details to ``out_dir/chair``."""
     from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation import chair
     from mllm_pib.evaluation.runner import GenerationSettings
-    from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
+    from mllm_pib.evaluation.suite import ChairInputs, chair_files, evaluate_chair, evaluate_pope
 
     out = Path(out_dir)
+    annotations = [data.chair_annotations]
+    vocab = chair.ChairVocabulary.from_file(data.chair_synonyms)
+    chair_inputs = ChairInputs(vocab, chair.load_annotations(annotations, vocab).objects, data.chair_images,
+                               chair_files(annotations, data.chair_synonyms))
     model = load_model(str(model_path), backbone=backbone, pib=str(pib) if pib else None)
     pope_report = evaluate_pope(
         model, data.pope_dir, data.eval_image_dir, out / "pope",
@@ -36,7 +41,7 @@ def evaluate_model(
         ),
     )
     chair_report = evaluate_chair(
-        model, data.chair_images, [data.chair_annotations], out / "chair", synonyms=data.chair_synonyms,
+        model, chair_inputs, out / "chair",
         settings=GenerationSettings(max_new_tokens=settings.max_description_tokens, batch_size=settings.batch_size),
     )
     return {"pope": pope_report, "chair": chair_report}

@@ -631,6 +631,13 @@ class ExportPaths:
     pope_data: Path
     objects: Path
     preferences: Path
+    synonyms: Path
+
+
+def write_synonyms(path: str | Path) -> None:
+    """A CHAIR synonym file of the world's object words (one object per line, no synonyms: the
+    world names each kind one way), for scoring descriptions against ``objects.jsonl``."""
+    _atomic_write(Path(path), lambda f: f.write("".join(f"{kind.word}\n" for kind in KINDS).encode()))
 
 
 def export_dataset(
@@ -639,7 +646,8 @@ def export_dataset(
     """Write the images and all the data files the pipeline reads, under ``out_dir``.
 
     Layout: ``VG/image_data.json`` and ``VG/VG_100K/<id>.png``; ``hadpo/desc_data.json`` and
-    ``hadpo/pope_data.json`` (HA-DPO list form); ``objects.jsonl``; ``preferences.jsonl``.
+    ``hadpo/pope_data.json`` (HA-DPO list form); ``objects.jsonl`` (what ``eval pope build`` and
+    ``eval chair --annotations`` read); ``chair_synonyms.txt``; ``preferences.jsonl``.
     """
     ids = [scene.image_id for scene in scenes]
     if len(set(ids)) != len(ids):
@@ -652,6 +660,7 @@ def export_dataset(
         pope_data=out / "hadpo" / "pope_data.json",
         objects=out / "objects.jsonl",
         preferences=out / "preferences.jsonl",
+        synonyms=out / "chair_synonyms.txt",
     )
     write_images(scenes, paths.vg_root, progress=progress)
     desc, pope = hadpo_desc_records(scenes, seed), hadpo_pope_records(scenes, seed)
@@ -659,4 +668,5 @@ def export_dataset(
     write_json(paths.pope_data, pope)
     write_jsonl(paths.objects, object_records(scenes))
     write_jsonl(paths.preferences, preference_records(desc, pope))
+    write_synonyms(paths.synonyms)
     return paths

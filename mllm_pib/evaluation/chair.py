@@ -10,31 +10,38 @@ the image's COCO instance categories united with the objects named in its human 
 - ``recall``  = sum over descriptions of |mentioned objects ∩ ground truth| / sum of
   |ground truth| (how much of the annotated content the descriptions cover).
 
-Word handling follows the original CHAIR script (Rohrbach et al., 2018) with these rules:
+Words are read by one of two matchers (recorded in every report):
 
-1. Lower-case, split into words (letters/digits, hyphenated words kept whole), singularise
-   each word with :func:`singularize` (rule-based, no downloaded corpora).
-2. Two consecutive words are read as one name when they form a two-word synonym
+- ``nltk``: the original CHAIR script's reading (NLTK tokenizer, POS tagger, WordNet lemmatizer;
+  :mod:`mllm_pib.evaluation.chair_nltk`), with the synonym file read as the script reads it
+  (names split on ", ", case kept), so its mentions are the script's;
+- ``builtin`` (default, no downloaded data): lower-case, split into words (letters/digits,
+  hyphenated words kept whole), singularise each word with :func:`singularize` (rule-based).
+  Its measured differences from the original are listed in ``docs/evaluation.md``.
+
+Then, for both, as in the original script:
+
+1. Two consecutive words are read as one name when they form a two-word synonym
    (``traffic light``, ``hot dog``, ``teddy bear``, ``dining table``…) or one of the special
    pairs: ``home plate`` and ``train track`` (not a train), ``baby``/``adult`` + an animal
    word (``bird cat dog horse sheep cow elephant bear zebra giraffe animal cub``: the animal,
    not a person), ``passenger jet``/``passenger train`` (the vehicle, not a person),
    ``bow tie`` (a tie) and ``toilet seat`` (a toilet).
-3. When a description mentions both ``toilet`` and ``seat``, ``seat`` is dropped (the seat of
+2. When a description mentions both ``toilet`` and ``seat``, ``seat`` is dropped (the seat of
    a toilet is not a chair).
 
-Deliberate differences from the original script: synonym entries are stripped of spaces (the
-original keeps ``" motor bike"`` and ``" cheesecake"`` with a leading space, so they never
-match); ``scissors`` and ``sports`` stay as they are instead of losing their ``s``; names of
-three words (``stove top oven``) are read word by word, as the original's two-word joining
-does in effect.
+The builtin matcher's vocabulary also deliberately differs from the original script's:
+synonym entries are stripped of spaces and lower-cased (the original keeps ``" motor bike"`` and
+``" cheesecake"`` with a leading space and ``"iPhone"`` capitalised, so they never match a
+lower-cased caption); ``scissors`` and ``sports`` stay as they are; names of three words
+(``stove top oven``) are read word by word, as the original's two-word joining does in effect.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +59,7 @@ SPECIAL_PAIRS = {
     **{f"{qualifier} {animal}": animal for qualifier in ("baby", "adult") for animal in ANIMAL_WORDS},
 }
 DEFAULT_SYNONYMS = Path(__file__).with_name("coco_synonyms.txt")
+MATCHERS = ("builtin", "nltk")
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 
 # ---------------------------------------------------------------------------- singularisation
@@ -115,6 +123,11 @@ def singularize(word: str) -> str:
     return word[:-1]
 
 
+def builtin_words(text: str) -> list[str]:
+    """The builtin matcher's words of ``text``: lower-cased word tokens, singularised."""
+    return [singularize(w) for w in _WORD.findall(text.lower())]
+
+
 # ---------------------------------------------------------------------------- vocabulary
 
 
@@ -127,26 +140,42 @@ class Mention:
 
 
 class ChairVocabulary:
-    """COCO object names and synonyms, with the two-word names that are read as one word.
+    """COCO object names and synonyms, the two-word names read as one word, and the matcher
+    that turns a text into words.
 
     Args:
         synonyms: ``{name: canonical object}`` for every name (see :func:`load_synonyms`).
+        matcher: ``builtin`` or ``nltk`` (see the module docstring).
+        words: the text-to-words function; by default the matcher's own.
     """
 
-    def __init__(self, synonyms: Mapping[str, str]):
+    def __init__(
+        self,
+        synonyms: Mapping[str, str],
+        matcher: str = "builtin",
+        words: Callable[[str], list[str]] | None = None,
+    ):
+        if matcher not in MATCHERS:
+            raise UserError(f"unknown CHAIR matcher {matcher!r}; expected one of {MATCHERS}")
+        self.matcher = matcher
         self.synonyms = dict(synonyms)
-        pairs = {name: name for name in self.synonyms if len(name.split()) == 2}
+        pairs = {key: key for key in (" ".join(name.lower().split()) for name in self.synonyms) if key.count(" ") == 1}
         self.pairs = {**pairs, **SPECIAL_PAIRS}
+        if words is None and matcher == "nltk":
+            from mllm_pib.evaluation.chair_nltk import NltkWords
+
+            words = NltkWords()
+        self.words = words or builtin_words
 
     @classmethod
-    def from_file(cls, path: str | Path | None = None) -> ChairVocabulary:
-        """The vocabulary of a synonym file; by default the COCO list shipped with this package
-        (the original CHAIR ``synonyms.txt``)."""
-        return cls(load_synonyms(DEFAULT_SYNONYMS if path is None else path))
+    def from_file(cls, path: str | Path | None = None, matcher: str = "builtin", **kwargs) -> ChairVocabulary:
+        """The vocabulary of a synonym file (by default the COCO list shipped with this package,
+        the original CHAIR ``synonyms.txt``), read as the matcher reads it."""
+        return cls(load_synonyms(DEFAULT_SYNONYMS if path is None else path, exact=matcher == "nltk"), matcher, **kwargs)
 
     def mentions(self, text: str) -> list[Mention]:
         """The COCO object mentions of ``text``, in order (rules in the module docstring)."""
-        words = [singularize(w) for w in _WORD.findall(text.lower())]
+        words = self.words(text)
         joined, i = [], 0
         while i < len(words):
             pair = " ".join(words[i : i + 2])
@@ -172,13 +201,21 @@ class ChairVocabulary:
         return found.pop()
 
 
-def load_synonyms(path: str | Path) -> dict[str, str]:
+def load_synonyms(path: str | Path, exact: bool = False) -> dict[str, str]:
     """``{name: canonical}`` from a CHAIR synonym file: one object per line, comma-separated
-    names, the first being the canonical one. A name listed under two objects is an error."""
+    names, the first being the canonical one. A name listed under two objects is an error.
+
+    Args:
+        exact: read names as the original script does (split on ``", "``, spaces and case
+            kept, so ``" motor bike"`` and ``"iPhone"`` never match a lower-cased caption);
+            by default names are lower-cased and their spaces normalised.
+    """
     synonyms: dict[str, str] = {}
     for lineno, line in enumerate(read_text(path).split("\n"), start=1):
-        names = [" ".join(n.split()) for n in line.lower().split(",")]
-        names = [n for n in names if n]
+        if exact:
+            names = [n for n in line.strip().split(", ") if n]
+        else:
+            names = [n for n in (" ".join(n.split()) for n in line.lower().split(",")) if n]
         for name in names:
             if synonyms.get(name, names[0]) != names[0]:
                 raise UserError(f"{path}:{lineno}: {name!r} is already a synonym of {synonyms[name]!r}")
@@ -191,19 +228,35 @@ def load_synonyms(path: str | Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------- ground truth
 
 
-def load_ground_truth(paths: Iterable[str | Path], vocab: ChairVocabulary) -> dict[int, set[str]]:
-    """Ground-truth objects per COCO image id.
+@dataclass
+class Annotations:
+    """Ground truth of the annotated images: ``objects`` (canonical objects per image id) and,
+    where the annotations name them, the image ``files`` (file name per image id)."""
+
+    objects: dict[int, set[str]] = field(default_factory=dict)
+    files: dict[int, str] = field(default_factory=dict)
+
+    def add(self, image_id: int, objects: Iterable[str], file: str | None, where: str) -> None:
+        self.objects.setdefault(image_id, set()).update(objects)
+        if file is not None:
+            if self.files.setdefault(image_id, file) != file:
+                raise UserError(f"{where}: image id {image_id} is both {self.files[image_id]!r} and {file!r}")
+
+
+def load_annotations(paths: Iterable[str | Path], vocab: ChairVocabulary) -> Annotations:
+    """Ground-truth objects per image id, united over ``paths``.
 
     ``paths`` may name a directory (every ``instances_*.json`` and ``captions_*.json`` in it),
-    COCO instance or caption annotation files, or JSON-lines files of
-    ``{"image_id", "objects": [names]}``. Objects from all of them are united per image; an
-    image listed in an instances file without annotations has no objects.
+    COCO instance or caption annotation files, or JSON lines (or a JSON array) of
+    ``{"image_id", "objects": [names]}`` or ``{"image": file name, "objects"}`` (the object
+    files ``eval pope build`` reads, whose image id is the number ending the file name:
+    ``COCO_val2014_000000310196.jpg`` is 310196). An image listed in an instances file without
+    annotations has no objects.
     """
-    truth: dict[int, set[str]] = {}
+    annotations = Annotations()
     for path in annotation_files(paths):
-        for image_id, objects in _file_objects(path, vocab):
-            truth.setdefault(image_id, set()).update(objects)
-    return truth
+        _read_annotation_file(path, vocab, annotations)
+    return annotations
 
 
 def annotation_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -220,7 +273,7 @@ def annotation_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def _file_objects(path: Path, vocab: ChairVocabulary) -> Iterable[tuple[int, list[str]]]:
+def _read_annotation_file(path: Path, vocab: ChairVocabulary, out: Annotations) -> None:
     text = read_text(path)
     if path.suffix != ".jsonl" and text.lstrip().startswith("{"):
         try:
@@ -228,12 +281,15 @@ def _file_objects(path: Path, vocab: ChairVocabulary) -> Iterable[tuple[int, lis
         except json.JSONDecodeError:
             data = None  # several objects: JSON lines
         if isinstance(data, dict) and isinstance(data.get("annotations"), list):
-            return _coco_objects(data, path, vocab)
-    return _simple_objects(path, vocab)
+            return _coco_objects(data, path, vocab, out)
+    return _simple_objects(path, vocab, out)
 
 
-def _coco_objects(data: dict, path: Path, vocab: ChairVocabulary) -> list[tuple[int, list[str]]]:
-    out = [(_int(img.get("id"), f"{path} image {i} 'id'"), []) for i, img in enumerate(data.get("images", []))]
+def _coco_objects(data: dict, path: Path, vocab: ChairVocabulary, out: Annotations) -> None:
+    for i, img in enumerate(data.get("images", [])):
+        where = f"{path} image {i}"
+        name = img.get("file_name")
+        out.add(_int(img.get("id"), f"{where} 'id'"), [], name if isinstance(name, str) else None, where)
     if "categories" in data:
         names = {
             _int(c.get("id"), f"{path} category {i} 'id'"): vocab.canonical(str(c.get("name")), f"{path} category {i}")
@@ -242,25 +298,37 @@ def _coco_objects(data: dict, path: Path, vocab: ChairVocabulary) -> list[tuple[
         for i, ann in enumerate(data["annotations"]):
             if ann.get("category_id") not in names:
                 raise UserError(f"{path} annotation {i}: unknown category_id {ann.get('category_id')!r}")
-            out.append((_int(ann.get("image_id"), f"{path} annotation {i} 'image_id'"), [names[ann["category_id"]]]))
+            where = f"{path} annotation {i}"
+            out.add(_int(ann.get("image_id"), f"{where} 'image_id'"), [names[ann["category_id"]]], None, where)
     else:
         for i, ann in enumerate(data["annotations"]):
+            where = f"{path} annotation {i}"
             if not isinstance(ann.get("caption"), str):
-                raise UserError(f"{path} annotation {i}: neither instances ('categories') nor a 'caption' string")
+                raise UserError(f"{where}: neither instances ('categories') nor a 'caption' string")
             objects = [m.object for m in vocab.mentions(ann["caption"])]
-            out.append((_int(ann.get("image_id"), f"{path} annotation {i} 'image_id'"), objects))
-    return out
+            out.add(_int(ann.get("image_id"), f"{where} 'image_id'"), objects, None, where)
 
 
-def _simple_objects(path: Path, vocab: ChairVocabulary) -> list[tuple[int, list[str]]]:
-    out = []
+def _simple_objects(path: Path, vocab: ChairVocabulary, out: Annotations) -> None:
     for i, record in enumerate(read_json_records(path)):
         where = f"{path} record {i + 1}"
         objects = record.get("objects")
         if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
             raise UserError(f"{where}: 'objects' must be a list of object names")
-        out.append((_int(record.get("image_id"), f"{where} 'image_id'"), [vocab.canonical(o, where) for o in objects]))
-    return out
+        file = record.get("image")
+        if "image_id" in record or not isinstance(file, str):
+            image_id = _int(record.get("image_id"), f"{where} 'image_id'")
+        else:
+            image_id = image_id_of(file, where)
+        out.add(image_id, [vocab.canonical(o, where) for o in objects], file if isinstance(file, str) else None, where)
+
+
+def image_id_of(file_name: str, where: str) -> int:
+    """The image id a file name ends with (``COCO_val2014_000000310196.jpg`` -> 310196)."""
+    digits = re.search(r"(\d+)$", Path(file_name).stem)
+    if digits is None:
+        raise UserError(f"{where}: no 'image_id', and the image name {file_name!r} does not end in a number")
+    return int(digits.group(1))
 
 
 def _int(value, where: str) -> int:
@@ -294,7 +362,8 @@ class CaptionResult:
 
 @dataclass
 class ChairReport:
-    """Overall CHAIR metrics (fractions) and per-description details."""
+    """Overall CHAIR metrics (fractions), the matcher that read the words, and per-description
+    details."""
 
     chair_s: float
     chair_i: float
@@ -302,12 +371,13 @@ class ChairReport:
     captions: int
     mentions: int
     hallucinated_mentions: int
+    matcher: str
     per_caption: list[CaptionResult] = field(repr=False)
 
     def to_dict(self, per_caption: bool = True) -> dict:
         out = {
             k: getattr(self, k)
-            for k in ("chair_s", "chair_i", "recall", "captions", "mentions", "hallucinated_mentions")
+            for k in ("chair_s", "chair_i", "recall", "captions", "mentions", "hallucinated_mentions", "matcher")
         }
         if per_caption:
             out["per_caption"] = [c.to_dict() for c in self.per_caption]
@@ -315,16 +385,29 @@ class ChairReport:
 
 
 def load_captions(path: str | Path) -> list[tuple[int, str]]:
-    """``(image_id, caption)`` pairs from JSON lines or a JSON array of ``{"image_id", "caption"}``."""
+    """``(image_id, caption)`` pairs from JSON lines or a JSON array of ``{"image_id",
+    "caption"}`` (OPERA's and CHAIR's files) or ``{"question_id", "text"}`` (the descriptions
+    files this project writes, keyed by image id)."""
     pairs = []
     for i, record in enumerate(read_json_records(path)):
         where = f"{path} record {i + 1}"
-        if not isinstance(record.get("caption"), str):
-            raise UserError(f"{where}: field 'caption' must be a string")
-        pairs.append((_int(record.get("image_id"), f"{where} 'image_id'"), record["caption"]))
+        caption = _one_of(record, ("caption", "text"), where)
+        if not isinstance(caption, str):
+            raise UserError(f"{where}: the description must be a string, got {caption!r}")
+        pairs.append((_int(_one_of(record, ("image_id", "question_id"), where), f"{where} image id"), caption))
     if not pairs:
         raise UserError(f"{path}: no captions")
     return pairs
+
+
+def _one_of(record: dict, names: tuple[str, str], where: str):
+    """The value of whichever of two equivalent fields the record has (both only if equal)."""
+    present = [name for name in names if name in record]
+    if not present:
+        raise UserError(f"{where}: needs a {names[0]!r} (or {names[1]!r}) field")
+    if len(present) == 2 and record[names[0]] != record[names[1]]:
+        raise UserError(f"{where}: fields {names[0]!r} and {names[1]!r} differ; keep one")
+    return record[present[0]]
 
 
 def evaluate(captions: list[tuple[int, str]], truth: Mapping[int, set[str]], vocab: ChairVocabulary) -> ChairReport:
@@ -352,5 +435,6 @@ def evaluate(captions: list[tuple[int, str]], truth: Mapping[int, set[str]], voc
         captions=len(results),
         mentions=n_mentions,
         hallucinated_mentions=n_hallucinated,
+        matcher=vocab.matcher,
         per_caption=results,
     )

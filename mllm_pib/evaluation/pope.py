@@ -229,28 +229,49 @@ class AnswerWriter:
         self.close()
 
 
-def read_answers(path: str | Path) -> dict[int, str]:
-    """Answers by question id from a JSON-lines file whose records hold ``question_id`` and
-    ``text`` (LLaVA) or ``answer`` (POPE's own scripts).
+ANSWER_FIELDS = ("text", "answer")
+
+
+def read_answers(path: str | Path, field: str | None = None) -> dict[int, str]:
+    """Answers by question id from a JSON-lines file whose records hold ``question_id`` and the
+    answer as ``text`` (LLaVA's files, and this project's) or ``answer`` (POPE's ``evaluate.py``).
+
+    Args:
+        field: the field holding the answer; by default whichever of the two a record has. A
+            record with both, differing, is refused unless ``field`` says which one to score.
 
     Raises:
-        UserError: on a missing field or ids answered more than once (with their count).
+        UserError: on a missing field, an ambiguous record, or ids answered more than once.
     """
+    if field is not None and field not in ANSWER_FIELDS:
+        raise UserError(f"unknown answer field {field!r}; expected one of {ANSWER_FIELDS}")
     path = Path(path)
     answers: dict[int, str] = {}
     dups = []
     for index, record in enumerate(read_jsonl(path)):
         where = f"{path} record {index + 1}"
         qid = _field(record, "question_id", int, where)
-        text = record.get("text", record.get("answer"))
-        if not isinstance(text, str):
-            raise UserError(f"{where}: needs the answer as a 'text' (or 'answer') string, got {text!r}")
         if qid in answers:
             dups.append(qid)
-        answers[qid] = text
+        answers[qid] = _answer_text(record, field, where)
     if dups:
         raise UserError(f"{path}: {len(dups)} duplicate question ids, e.g. {sorted(set(dups))[:5]}")
     return answers
+
+
+def _answer_text(record: dict, field: str | None, where: str) -> str:
+    if field is not None:
+        return _field(record, field, str, where)
+    present = [name for name in ANSWER_FIELDS if name in record]
+    if not present:
+        raise UserError(f"{where}: needs the answer as a 'text' (or 'answer') string")
+    values = {name: _field(record, name, str, where) for name in present}
+    if len(set(values.values())) > 1:
+        raise UserError(
+            f"{where}: 'text' {values['text']!r} and 'answer' {values['answer']!r} differ; POPE's evaluate.py "
+            "scores 'answer', LLaVA's eval_pope.py 'text': choose one (--answer-field)"
+        )
+    return values[present[0]]
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -410,47 +431,48 @@ def _coco_object_images(data: dict, path: Path) -> list[ObjectImage]:
     ]
 
 
-def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[str, list[dict]]:
-    """Build POPE's random / popular / adversarial splits.
+def build_splits(
+    images: list[ObjectImage], num_images: int, seed: int, sample_num: int = POSITIVES_PER_IMAGE
+) -> dict[str, list[dict]]:
+    """Build POPE's random / popular / adversarial splits exactly as POPE's ``main.py`` and
+    ``utils.py`` do after ``random.seed(seed)``.
 
-    Images with at least 3 objects are eligible; ``num_images`` of them are sampled (seeded).
-    Per image, the first 3 objects are the positive questions; after each positive comes one
-    negative: an object absent from the image and not already asked about for it, chosen
-    uniformly among all annotated objects (random), as the most frequent object over the
-    sampled images (popular), or as the object co-occurring most often with that positive over
-    the sampled images (adversarial); when popular or adversarial candidates run out, the
-    negative is drawn at random. Ties in frequency are broken by name, so the result depends
-    only on the inputs and seed.
+    Images with at least ``sample_num`` objects are eligible, in input order; ``num_images`` of
+    them are sampled. Per image, the first ``sample_num`` objects are the positive questions;
+    after each positive comes one negative: an object absent from the image and not already
+    asked about for it, drawn uniformly (with rejection) from the objects of the *sampled*
+    images (random), taken as the most frequent object over the sampled images (popular), or as
+    the object co-occurring most often with that positive over the sampled images
+    (adversarial); when popular or adversarial candidates run out, the negative is drawn at
+    random. Ties in frequency keep first-seen order (a stable sort over the sampled images in
+    sampling order). One random stream serves the image sample and then the three splits in
+    the order random, popular, adversarial, as in POPE, so the same seed gives POPE's files.
 
     Returns:
         ``{split: [{"question_id", "image", "text", "label"}, ...]}``, ids from 1 in each split.
     """
-    eligible = sorted((im for im in images if len(im.objects) >= POSITIVES_PER_IMAGE), key=lambda im: im.image)
+    if sample_num < 1:
+        raise UserError(f"sample_num must be at least 1, got {sample_num}")
+    eligible = [im for im in images if len(im.objects) >= sample_num]
     if len(eligible) < num_images:
-        raise UserError(
-            f"only {len(eligible)} images have at least {POSITIVES_PER_IMAGE} objects; cannot sample {num_images}"
-        )
-    sampled = random.Random(seed).sample(eligible, num_images)
-    frequency = Counter(obj for im in sampled for obj in im.objects)
-    cooccurrence: dict[str, Counter] = defaultdict(Counter)
+        raise UserError(f"only {len(eligible)} images have at least {sample_num} objects; cannot sample {num_images}")
+    rng = random.Random(seed)
+    sampled = rng.sample(eligible, num_images)
+    frequency = Counter(obj for im in sampled for obj in im.objects)  # first-seen order
+    vocabulary = list(frequency)
+    cooccurrence: dict[str, Counter] = {}
     for im in sampled:
         for a in im.objects:
-            cooccurrence[a].update(b for b in im.objects if b != a)
-    popular = sorted(frequency, key=lambda o: (-frequency[o], o))
-    vocabulary = sorted({obj for im in images for obj in im.objects})
+            cooccurrence.setdefault(a, Counter()).update(b for b in im.objects if b != a)
+    popular = _by_count(frequency)
+    adversarial = {obj: _by_count(counts) for obj, counts in cooccurrence.items()}
     splits = {}
     for split in SPLITS:
-        rng = random.Random(f"{seed}:{split}")
         questions: list[dict] = []
         for im in sampled:
             asked = set(im.objects)
-            for positive in im.objects[:POSITIVES_PER_IMAGE]:
-                if split == "popular":
-                    ranking = popular
-                elif split == "adversarial":
-                    ranking = sorted(cooccurrence[positive], key=lambda o: (-cooccurrence[positive][o], o))
-                else:
-                    ranking = []
+            for positive in im.objects[:sample_num]:
+                ranking = popular if split == "popular" else adversarial[positive] if split == "adversarial" else []
                 negative = next((o for o in ranking if o not in asked), None)
                 if negative is None:
                     negative = _random_negative(vocabulary, asked, rng, im.image)
@@ -461,15 +483,24 @@ def build_splits(images: list[ObjectImage], num_images: int, seed: int) -> dict[
     return splits
 
 
+def _by_count(counts: Counter) -> list[str]:
+    """Most frequent first; equal counts keep their first-seen order (a stable sort)."""
+    return sorted(counts, key=counts.__getitem__, reverse=True)
+
+
 def _random_negative(vocabulary: list[str], asked: set[str], rng: random.Random, image: str) -> str:
-    candidates = [o for o in vocabulary if o not in asked]
-    if not candidates:
-        raise UserError(f"image {image}: every annotated object is present or already asked; no negative left")
-    return rng.choice(candidates)
+    """POPE's rejection sampling: draw uniformly until the object is neither present nor asked
+    (the number of draws matters, as every later draw of the stream depends on it)."""
+    if all(o in asked for o in vocabulary):
+        raise UserError(f"image {image}: every object of the sampled images is present or already asked; no negative left")
+    while True:
+        candidate = rng.choice(vocabulary)
+        if candidate not in asked:
+            return candidate
 
 
 def _question(question_id: int, image: str, obj: str, label: str) -> dict:
-    article = "an" if obj[:1].lower() in "aeiou" else "a"
+    article = "an" if obj[:1] in ("a", "e", "i", "o", "u") else "a"  # POPE's rule: lower-case vowels only
     return {
         "question_id": question_id,
         "image": image,

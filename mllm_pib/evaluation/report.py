@@ -10,12 +10,18 @@ scores with their identity), ``report.md`` and PNG charts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mllm_pib.errors import UserError
+from mllm_pib.evaluation.judge import JudgeConfig
 from mllm_pib.evaluation.runner import GenerationSettings
+from mllm_pib.evaluation.shr import ShrOptions, summary as shr_summary
 from mllm_pib.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from mllm_pib.evaluation.suite import ChairInputs
 
 
 class Strict(BaseModel):
@@ -35,34 +41,34 @@ class PopeSection(Strict):
     questions: str
     images: str
     labels: str | None = None
-    style: str = "hadpo"
-    batch_size: int = 8
-    max_new_tokens: int = 64
+    style: Literal["hadpo", "llava"] = "hadpo"
+    batch_size: int = Field(default=8, gt=0)
+    max_new_tokens: int = Field(default=64, gt=0)
 
 
 class ChairSection(Strict):
     annotations: list[str] = Field(min_length=1, description="COCO instance/caption files or an objects jsonl")
     images: str
-    image_pattern: str = Field(default="COCO_val2014_{image_id:012d}.jpg", description="file name of an image id")
+    image_pattern: str | None = Field(
+        default=None,
+        description="file name of an image id, e.g. COCO_val2014_{image_id:012d}.jpg; "
+        "by default the file names the annotations give",
+    )
     synonyms: str | None = None
+    matcher: Literal["builtin", "nltk"] = Field(default="builtin", description="CHAIR's word matcher")
     limit: int | None = Field(default=None, gt=0, description="describe only the first N annotated images")
     prompt: str = "Describe this image in detail."
-    max_new_tokens: int = 128
-    num_beams: int = 1
-    batch_size: int = 8
+    max_new_tokens: int = Field(default=128, gt=0)
+    num_beams: int = Field(default=1, gt=0)
+    batch_size: int = Field(default=8, gt=0)
 
 
-class JudgeSection(Strict):
-    url: str
-    model: str
-    api_key_env: str | None = None
-    concurrency: int = 4
+class ShrSection(ShrOptions):
+    """SHR: where its inputs are, the judge, how descriptions are judged and generated."""
 
-
-class ShrSection(Strict):
     shr_dir: str
     vg_dir: str
-    judge: JudgeSection
+    judge: JudgeConfig
     num_beams: int = 5
     max_new_tokens: int = 512
     batch_size: int = 4
@@ -74,7 +80,7 @@ class EvalRunConfig(Strict):
     pope: PopeSection | None = None
     chair: ChairSection | None = None
     shr: ShrSection | None = None
-    allow_outside_images: bool = Field(default=False, description="use POPE and SHR images outside their image folder")
+    allow_outside_images: bool = Field(default=False, description="use POPE, CHAIR and SHR images outside their image folder")
 
 
 def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
@@ -84,9 +90,7 @@ def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
     from mllm_pib.checkpoint import load_model
     from mllm_pib.evaluation.folder import REPORT, open_folder
 
-    names = [entry.name for entry in config.models]
-    if len(set(names)) != len(names):
-        raise UserError(f"eval run: model names must be unique, got {names}")
+    chair_inputs = check_inputs(config)
     out = open_folder(config.out, REPORT, {"mllm_pib_version": __version__}, overwrite)
     report: dict = {"models": {}}
     for entry in config.models:
@@ -94,7 +98,7 @@ def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
                            allow_base_mismatch=entry.allow_base_mismatch, **entry.options)
         report["models"][entry.name] = {
             "backbone": entry.backbone, "model": entry.model, "pib": entry.pib,
-            **evaluate_model(model, config, out / entry.name, overwrite),
+            **evaluate_model(model, config, out / entry.name, chair_inputs, overwrite),
         }
         del model
     atomic_write_json(out / "report.json", report)
@@ -103,8 +107,33 @@ def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
     return report
 
 
-def evaluate_model(model, config: EvalRunConfig, out: Path, overwrite: bool = False) -> dict:
-    from mllm_pib.evaluation.suite import evaluate_pope
+def check_inputs(config: EvalRunConfig) -> ChairInputs | None:
+    """Check every model entry and load every benchmark input before any model runs, so a bad
+    path or record fails at once; returns the CHAIR inputs (read once for all models)."""
+    from mllm_pib.evaluation.suite import check_shr_inputs, load_chair_inputs, load_pope_sets
+    from mllm_pib.plugins import get_backbone
+
+    names = [entry.name for entry in config.models]
+    if len(set(names)) != len(names):
+        raise UserError(f"eval run: model names must be unique, got {names}")
+    for entry in config.models:
+        get_backbone(entry.backbone)
+        if entry.pib is not None and not Path(entry.pib).is_dir():
+            raise UserError(f"eval run: model {entry.name!r}: PIB checkpoint {entry.pib} not found")
+    if config.pope:
+        load_pope_sets(config.pope.questions, config.pope.images, config.pope.labels, config.allow_outside_images)
+    if config.shr:
+        check_shr_inputs(config.shr.shr_dir, config.shr.vg_dir, config.shr.judge, config.shr, config.allow_outside_images)
+    if not config.chair:
+        return None
+    c = config.chair
+    return load_chair_inputs(c.annotations, c.images, synonyms=c.synonyms, matcher=c.matcher,
+                             image_pattern=c.image_pattern, limit=c.limit, allow_outside_images=config.allow_outside_images)
+
+
+def evaluate_model(model, config: EvalRunConfig, out: Path, chair_inputs: ChairInputs | None = None,
+                   overwrite: bool = False) -> dict:
+    from mllm_pib.evaluation.suite import evaluate_chair, evaluate_pope
 
     results: dict = {}
     if config.pope:
@@ -114,33 +143,22 @@ def evaluate_model(model, config: EvalRunConfig, out: Path, overwrite: bool = Fa
                                         settings=settings, overwrite=overwrite,
                                         allow_outside_images=config.allow_outside_images)
     if config.chair:
-        results["chair"] = evaluate_chair(model, config.chair, out / "chair", overwrite)
+        c = config.chair
+        settings = GenerationSettings(max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, batch_size=c.batch_size)
+        results["chair"] = evaluate_chair(model, chair_inputs, out / "chair", prompt=c.prompt, settings=settings,
+                                          overwrite=overwrite)
     if config.shr:
         results["shr"] = evaluate_shr(model, config.shr, out / "shr", overwrite, config.allow_outside_images)
     return results
 
 
-def evaluate_chair(model, section: ChairSection, out: Path, overwrite: bool = False) -> dict:
-    from mllm_pib.evaluation import chair
-    from mllm_pib.evaluation.suite import evaluate_chair as describe_and_score
-
-    # the annotated images, in id order, limited to the first N
-    truth = chair.load_ground_truth(section.annotations, chair.ChairVocabulary.from_file(section.synonyms))
-    ids = sorted(truth)[: section.limit]
-    images = {i: Path(section.images) / section.image_pattern.format(image_id=i) for i in ids}
-    settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
-                                  batch_size=section.batch_size)
-    return describe_and_score(model, images, section.annotations, out, synonyms=section.synonyms,
-                              prompt=section.prompt, settings=settings, overwrite=overwrite)
-
-
 def evaluate_shr(model, section: ShrSection, out: Path, overwrite: bool = False, allow_outside_images: bool = False) -> dict:
-    from mllm_pib.evaluation.judge import JudgeConfig
     from mllm_pib.evaluation.suite import evaluate_shr as describe_and_judge
 
     settings = GenerationSettings(max_new_tokens=section.max_new_tokens, num_beams=section.num_beams,
                                   batch_size=section.batch_size)
-    return describe_and_judge(model, section.shr_dir, section.vg_dir, JudgeConfig(**section.judge.model_dump()), out,
+    options = ShrOptions(**section.model_dump(include=set(ShrOptions.model_fields)))
+    return describe_and_judge(model, section.shr_dir, section.vg_dir, section.judge, out, options=options,
                               settings=settings, overwrite=overwrite, allow_outside_images=allow_outside_images)
 
 
@@ -154,6 +172,8 @@ def markdown(report: dict) -> str:
         cells = [f"{metrics[c]:.2f}" if c in metrics else "" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "POPE and CHAIR figures are percentages; SHR is hallucinated sentences per 100 judged."]
+    lines += [f"- {name} SHR {line}" for name, result in report["models"].items() if "shr" in result
+              for line in shr_summary(result["shr"])]
     return "\n".join(lines) + "\n"
 
 
@@ -171,7 +191,7 @@ def flat_metrics(result: dict) -> dict[str, float]:
         metrics["CHAIR_s"] = 100 * result["chair"]["chair_s"]
         metrics["CHAIR_i"] = 100 * result["chair"]["chair_i"]
         metrics["CHAIR recall"] = 100 * result["chair"]["recall"]
-    if "shr" in result:
+    if result.get("shr", {}).get("shr") is not None:
         metrics["SHR"] = result["shr"]["shr"]
     return metrics
 

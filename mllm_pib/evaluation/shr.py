@@ -5,66 +5,122 @@ split into sentences, which a judge LLM labels ``hallucination``, ``correct`` or
 ``cannot judge`` against the image's VG region descriptions and SHR's factual sentences.
 SHR = hallucinated sentences / (hallucination + correct + cannot judge) × 100.
 
-Expected inputs (HA-DPO's layout)::
-
-    shr_dir/
-        val_images_final.json     [{"image_id": <VG id>, ...}, ...]   the SHR validation images
-        shr_factual_part*.jsonl   {"<VG id>": ["factual sentence", ...]} per line (all parts read)
-    vg_dir/
-        image_data.json           [{"image_id", "width", "height", "url", ...}, ...]
-        region_descriptions.json  [{"id": <VG id>, "regions": [{"x", "y", "width", "height",
-                                     "phrase", "image_id"}, ...]}, ...]
-
-:func:`run_shr` judges given descriptions and writes ``judgements.jsonl`` (one line per image)
-and ``metrics.json`` (see :func:`shr_metrics`) into its output directory.
+By default every step follows HA-DPO's ``ha_dpo/shr_eval`` code: sentence splitting and
+numbering, region formatting, the 15,000-character prompt limit of its LLaVA-1.5 script, asking
+again when a reply has no ``Judgement:`` line, and its reply parser (``post_process_no_revise``).
+The judge prompt is a template file (:class:`JudgePrompt`); with HA-DPO's own prompt file the
+request carries HA-DPO's prompt byte for byte. What the judge could not label is counted, never
+silently dropped from a denominator. Inputs: :mod:`mllm_pib.evaluation.shr_data`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import string
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mllm_pib.errors import UserError
-from mllm_pib.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from mllm_pib.evaluation.shr_data import ShrImage, as_image_id, load_shr_images, load_val_image_ids
+from mllm_pib.io import atomic_write_json, atomic_write_text
 
 LABELS = ("hallucination", "correct", "cannot judge")
 DESCRIBE_PROMPT = "Describe this image in detail."
-
-JUDGE_PROMPT = """\
-Judge whether each comment on an image is a hallucination or correct.
-The ground truth of the image is a list of region descriptions, one per line as [x1, y1, x2, y2]: description, \
-where [x1, y1, x2, y2] is the bounding box of the region, normalised to the image size. Strongly overlapping boxes may \
-show the same object. Some factual information about the image follows; it is fully accurate. Base your judgement on \
-this information. It only describes the objects in the regions of the image, so it cannot settle subjective content \
-such as atmosphere, style or emotion: judge such a comment "cannot judge".
-Judge the numbered comments one by one, each with its reason. Your output must be:
-Judgement:
-1. hallucination or correct or cannot judge: <reason>
-2. ...
-
-Region descriptions of the image:
-{regions}
-Factual information:
-{facts}
-Comments to judge (hallucination, correct or cannot judge):
-{sentences}"""
-
-_HEADER = re.compile(r"judge?ment\s*:", re.IGNORECASE)
-_NUMBERED = re.compile(r"^(\d+)(?:\s*[.)]\s*|\s+)(.*)$")
+BUILTIN_PROMPT = Path(__file__).with_name("shr_judge_prompt.txt")
+# SHA-256 of GPT_JUDGE_PROMPT in HA-DPO's ha_dpo/shr_eval/gpt_utils.py (as UTF-8 bytes)
+HADPO_PROMPT_SHA256 = "00550be1a5a96e48da20158a4da26fe6fc200f5ae17e902f2c8f7145f5dbf6d5"
+# image statuses that leave an image's sentences unlabelled
+UNLABELLED = ("no_judgement", "count_mismatch", "prompt_too_long")
 
 
 class Judge(Protocol):
     """Anything that answers prompts, e.g. :class:`mllm_pib.evaluation.judge.JudgeClient`."""
 
-    def complete_many(self, prompts: list[str]) -> list[str]: ...
+    def complete_many(self, prompts: list[str], accept: Callable[[str], bool] | None = None) -> list[str]: ...
+
+    def describe(self) -> dict: ...
 
 
-# ---------------------------------------------------------------------------- prompt pieces
+class ShrOptions(BaseModel):
+    """How descriptions are judged; the defaults are HA-DPO's rules.
+
+    Attributes:
+        judge_prompt: judge prompt template file (a Python ``str.format`` template with three
+            ``{}`` fields: regions, facts, numbered sentences); none: the built-in prompt, which
+            is not HA-DPO's (its verdicts are not comparable with published SHR).
+        parser: ``hadpo`` reads replies exactly as HA-DPO's ``post_process_no_revise``;
+            ``lenient`` also accepts ``**Correct**``-style emphasis, ``judgment:`` headers and
+            ``2)`` numbering, and checks that lines are numbered 1..n.
+        max_prompt_chars: an image whose prompt is longer is not judged (HA-DPO's LLaVA-1.5
+            script skips prompts over 15,000 characters); 0: no limit.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge_prompt: Path | None = None
+    parser: Literal["hadpo", "lenient"] = "hadpo"
+    max_prompt_chars: int = Field(default=15000, ge=0)
+
+    @field_validator("judge_prompt")
+    @classmethod
+    def _usable_template(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            JudgePrompt.load(path)  # a bad template stops a run before any model does
+        return path
+
+
+# ---------------------------------------------------------------------------- the prompt
+
+
+@dataclass(frozen=True)
+class JudgePrompt:
+    """A judge prompt template, read byte for byte, with where it came from and its hash."""
+
+    template: str
+    path: str
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> JudgePrompt:
+        """The template in ``path`` (none: the built-in one). Raw UTF-8: no newline translation."""
+        source = Path(path) if path is not None else BUILTIN_PROMPT
+        try:
+            data = source.read_bytes()
+            template = data.decode("utf-8")
+        except OSError as err:
+            raise UserError(f"judge prompt {source}: cannot read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"judge prompt {source}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        _check_template(template, source)
+        return cls(template, "built-in" if path is None else str(source), hashlib.sha256(data).hexdigest())
+
+    def format(self, regions_text: str, facts: list[str], sentences: list[str]) -> str:
+        """The prompt for one image: regions, one fact per line, numbered sentences."""
+        return self.template.format(regions_text, "".join(f"{fact}\n" for fact in facts), number_sentences(sentences))
+
+    def record(self) -> dict:
+        """What the reports record about the prompt."""
+        return {"path": self.path, "sha256": self.sha256, "hadpo": self.sha256 == HADPO_PROMPT_SHA256}
+
+
+def _check_template(template: str, source: Path) -> None:
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise UserError(f"judge prompt {source}: not a format template ({err}); write literal braces as {{{{ }}}}") from None
+    names = [name for name, _, _ in fields]
+    if (names != ["", "", ""] and sorted(names) != ["0", "1", "2"]) or any(spec or conv for _, spec, conv in fields):
+        raise UserError(
+            f"judge prompt {source}: needs exactly three plain {{}} fields (regions, facts, sentences), "
+            f"found {['{' + n + '}' for n in names]}; write literal braces as {{{{ }}}}"
+        )
 
 
 def split_sentences(description: str) -> list[str]:
@@ -87,207 +143,220 @@ def format_regions(regions: list[dict], width: float, height: float, where: str 
     """VG regions as ``[x1, y1, x2, y2]: phrase`` lines, corners divided by the image width and
     height and rounded to 2 decimals (printed as Python floats, e.g. ``[0.1, 0.25, 0.5, 1.0]``);
     regions without a phrase are left out."""
-    if not width or not height:
-        raise UserError(f"{where}: image width and height must be positive, got {width}x{height}")
+    if isinstance(width, bool) or isinstance(height, bool) or not _positive(width) or not _positive(height):
+        raise UserError(f"{where}: image width and height must be positive numbers, got {width!r}x{height!r}")
     lines = []
     for i, region in enumerate(regions):
-        try:
-            x, y, w, h = (float(region[k]) for k in ("x", "y", "width", "height"))
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{where} region {i}: needs numeric 'x', 'y', 'width', 'height'") from None
+        if not isinstance(region, dict):
+            raise UserError(f"{where} region {i}: expected an object, got {type(region).__name__}")
+        for field in ("x", "y", "width", "height"):
+            value = region.get(field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{where} region {i}: field '{field}' must be a number, got {value!r}")
+        phrase = region.get("phrase")
+        if phrase is not None and not isinstance(phrase, str):
+            raise UserError(f"{where} region {i}: field 'phrase' must be text, got {phrase!r}")
+        x, y, w, h = region["x"], region["y"], region["width"], region["height"]
         box = [float(f"{v:.2f}") for v in (x / width, y / height, (x + w) / width, (y + h) / height)]
-        if region.get("phrase"):
-            lines.append(f"{box}: {region['phrase']}\n")
+        if phrase:
+            lines.append(f"{box}: {phrase}\n")
     return "".join(lines)
 
 
-def build_judge_prompt(regions_text: str, facts: list[str], sentences: list[str]) -> str:
-    """The judge prompt: region descriptions, factual sentences (one per line), numbered sentences."""
-    return JUDGE_PROMPT.format(
-        regions=regions_text, facts="".join(f"{f}\n" for f in facts), sentences=number_sentences(sentences)
-    )
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
 
 
-# ---------------------------------------------------------------------------- judging
+# ---------------------------------------------------------------------------- reading replies
 
 
 @dataclass
 class SentenceJudgement:
-    """A sentence and its label (``None`` when the judge's line for it could not be read)."""
+    """A sentence, its label (``None``: not one of :data:`LABELS`, or the image is unlabelled)
+    and the judge's text for it (its line without the number)."""
 
     sentence: str
     label: str | None
-    reason: str | None
+    judgement: str | None
 
 
 @dataclass
 class ImageJudgement:
     """The judge's verdict on one description.
 
-    ``status`` is ``labelled``, ``no_judgement`` (no ``Judgement:`` header in the reply) or
-    ``count_mismatch`` (the reply's numbered lines do not match the sentences 1..n); only a
-    labelled image carries labels.
+    ``status`` is ``labelled``, ``no_judgement`` (no ``Judgement:`` line in the reply, after
+    asking again), ``count_mismatch`` (the reply's lines do not match the sentences) or
+    ``prompt_too_long`` (not asked); only a labelled image carries labels.
     """
 
     image_id: int
     status: str
     sentences: list[SentenceJudgement]
 
-    @property
-    def unparseable(self) -> int:
-        return sum(s.label is None for s in self.sentences) if self.status == "labelled" else 0
+
+def _unlabelled(image_id: int, status: str, sentences: list[str]) -> ImageJudgement:
+    return ImageJudgement(image_id, status, [SentenceJudgement(s, None, None) for s in sentences])
 
 
-def parse_judgement(image_id: int, reply: str, sentences: list[str]) -> ImageJudgement:
-    """Read a judge reply: after the ``Judgement:`` header, the non-empty lines must be
-    ``N. label: reason`` for N = 1..len(sentences). A line whose label is not one of
-    :data:`LABELS` (case and ``*`` emphasis aside) is kept unlabelled, never guessed."""
-    lines = reply.split("\n")
-    header = next((i for i, line in enumerate(lines) if _HEADER.search(line)), None)
-    unlabelled = [SentenceJudgement(s, None, None) for s in sentences]
+def parse_hadpo(image_id: int, reply: str, sentences: list[str]) -> ImageJudgement:
+    """Read a reply as HA-DPO's ``post_process_no_revise``: drop empty lines; the judgements
+    are the lines after the first one containing ``Judgement:``, each without its first
+    space-separated token (the number) and stripped, empty ones dropped; their count must equal
+    the sentences'; a label is the text before the first ``:``, lower-cased and otherwise as
+    written (``correct `` or ``**correct**`` are not labels)."""
+    lines = [line for line in reply.split("\n") if line]
+    header = next((i for i, line in enumerate(lines) if "Judgement:" in line), None)
     if header is None:
-        return ImageJudgement(image_id, "no_judgement", unlabelled)
-    first = _HEADER.split(lines[header], maxsplit=1)[1]
-    # markdown emphasis around the header or a line ("**Judgement:**") is not content
-    entries = [e for e in (line.strip().strip("*").strip() for line in [first, *lines[header + 1 :]]) if e]
-    numbered = [_NUMBERED.match(entry) for entry in entries]
-    if len(entries) != len(sentences) or any(m and int(m.group(1)) != i for i, m in enumerate(numbered, 1)):
-        return ImageJudgement(image_id, "count_mismatch", unlabelled)
-    judged = [SentenceJudgement(s, *_label(m.group(2) if m else None)) for s, m in zip(sentences, numbered)]
+        return _unlabelled(image_id, "no_judgement", sentences)
+    entries = [" ".join(line.split(" ")[1:]).strip() for line in lines[header + 1 :]]
+    entries = [entry for entry in entries if entry]
+    if len(entries) != len(sentences):
+        return _unlabelled(image_id, "count_mismatch", sentences)
+    judged = []
+    for sentence, entry in zip(sentences, entries):
+        label = entry.split(":")[0].lower()
+        judged.append(SentenceJudgement(sentence, label if label in LABELS else None, entry))
     return ImageJudgement(image_id, "labelled", judged)
 
 
-def _label(body: str | None) -> tuple[str | None, str | None]:
-    if body is None:
-        return None, None
-    head, _, reason = body.partition(":")
-    label = head.strip().strip("*").strip().lower()
-    return (label, reason.strip()) if label in LABELS else (None, None)
+_HEADER = re.compile(r"judge?ment\s*:", re.IGNORECASE)
+_NUMBERED = re.compile(r"^(\d+)(?:\s*[.)]\s*|\s+)(.*)$")
 
 
-def shr_metrics(images: list[ImageJudgement]) -> dict:
-    """SHR metrics over judged images.
-
-    Returns a dict with ``shr`` (hallucinated / labelled sentences × 100), ``hal_words_ratio``
-    (same over words, × 100), ``images``, ``unlabelled_images`` (by status),
-    ``unparseable_sentences``, ``label_counts`` and, averaged over all judged images,
-    ``sentences_per_image``, ``words_per_image``, ``hal_sentences_per_image``,
-    ``hal_words_per_image``. Words are whitespace-separated tokens of a sentence.
-    """
-    n = len(images)
-    labels: Counter = Counter()
-    words: Counter = Counter()
-    for image in images:
-        for s in image.sentences:
-            count = len(s.sentence.split())
-            words["all"] += count
-            if image.status == "labelled" and s.label is not None:
-                labels[s.label] += 1
-                words[s.label] += count
-    judged = sum(labels[label] for label in LABELS)
-    judged_words = sum(words[label] for label in LABELS)
-    sentences = sum(len(image.sentences) for image in images)
-    return {
-        "shr": _ratio(labels["hallucination"], judged) * 100,
-        "hal_words_ratio": _ratio(words["hallucination"], judged_words) * 100,
-        "images": n,
-        "unlabelled_images": dict(Counter(i.status for i in images if i.status != "labelled")),
-        "unparseable_sentences": sum(i.unparseable for i in images),
-        "label_counts": {label: labels[label] for label in LABELS},
-        "sentences_per_image": _ratio(sentences, n),
-        "words_per_image": _ratio(words["all"], n),
-        "hal_sentences_per_image": _ratio(labels["hallucination"], n),
-        "hal_words_per_image": _ratio(words["hallucination"], n),
-    }
-
-
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else 0.0
-
-
-# ---------------------------------------------------------------------------- inputs and run
+def parse_lenient(image_id: int, reply: str, sentences: list[str]) -> ImageJudgement:
+    """A more forgiving reader: the header may be ``judgment:`` in any case, text after it on
+    its line counts, ``*`` emphasis is ignored, ``2)`` numbering accepted; the non-empty lines
+    must be numbered 1..n. A line whose label is not one of :data:`LABELS` stays unlabelled."""
+    lines = reply.split("\n")
+    header = next((i for i, line in enumerate(lines) if _HEADER.search(line)), None)
+    if header is None:
+        return _unlabelled(image_id, "no_judgement", sentences)
+    first = _HEADER.split(lines[header], maxsplit=1)[1]
+    entries = [e for e in (line.strip().strip("*").strip() for line in [first, *lines[header + 1 :]]) if e]
+    numbered = [_NUMBERED.match(entry) for entry in entries]
+    if len(entries) != len(sentences) or any(m and int(m.group(1)) != i for i, m in enumerate(numbered, 1)):
+        return _unlabelled(image_id, "count_mismatch", sentences)
+    judged = []
+    for sentence, match in zip(sentences, numbered):
+        body = match.group(2) if match else None
+        label = body.partition(":")[0].strip().strip("*").strip().lower() if body else None
+        judged.append(SentenceJudgement(sentence, label if label in LABELS else None, body))
+    return ImageJudgement(image_id, "labelled", judged)
 
 
 @dataclass(frozen=True)
-class ShrImage:
-    """What the judge needs about one validation image."""
-
-    image_id: int
-    regions_text: str
-    facts: list[str]
+class ReplyParser:
+    has_judgement: Callable[[str], bool]  # a reply failing this is asked again
+    parse: Callable[[int, str, list[str]], ImageJudgement]
 
 
-def load_val_image_ids(shr_dir: str | Path) -> list[int]:
-    """The SHR validation image ids, in file order."""
-    path = Path(shr_dir) / "val_images_final.json"
-    return [_image_id(r, f"{path} element {i}") for i, r in enumerate(_list(read_json(path), path))]
+PARSERS = {
+    "hadpo": ReplyParser(lambda reply: "Judgement:" in reply, parse_hadpo),
+    "lenient": ReplyParser(lambda reply: _HEADER.search(reply) is not None, parse_lenient),
+}
 
 
-def load_shr_images(shr_dir: str | Path, vg_dir: str | Path, image_ids: set[int] | None = None) -> dict[int, ShrImage]:
-    """The SHR validation images (all, or those in ``image_ids``) with their formatted VG
-    regions and factual sentences, in ``val_images_final.json`` order."""
-    shr_dir, vg_dir = Path(shr_dir), Path(vg_dir)
-    val_ids = load_val_image_ids(shr_dir)
-    wanted = [i for i in val_ids if image_ids is None or i in image_ids]
-    if image_ids is not None and (unknown := sorted(image_ids - set(val_ids))):
-        raise UserError(f"{len(unknown)} described images are not SHR validation images (e.g. {unknown[:5]})")
-    facts = _load_facts(shr_dir)
-    meta_path = vg_dir / "image_data.json"
-    meta = {_image_id(m, f"{meta_path} element {i}"): m for i, m in enumerate(_list(read_json(meta_path), meta_path))}
-    regions_path = vg_dir / "region_descriptions.json"
-    regions = {}
-    for i, entry in enumerate(_list(read_json(regions_path), regions_path)):
-        image_regions = entry.get("regions") or []
-        image_id = entry.get("id", image_regions[0].get("image_id") if image_regions else None)
-        regions[_image_id({"image_id": image_id}, f"{regions_path} element {i}")] = image_regions
-    out = {}
-    for image_id in wanted:
-        if image_id not in meta or image_id not in regions:
-            raise UserError(f"VG image {image_id}: missing from {meta_path if image_id not in meta else regions_path}")
-        where = f"{regions_path} image {image_id}"
-        text = format_regions(regions[image_id], meta[image_id].get("width"), meta[image_id].get("height"), where)
-        out[image_id] = ShrImage(image_id, text, facts.get(image_id, []))
-    return out
+# ---------------------------------------------------------------------------- metrics
 
 
-def input_files(shr_dir: str | Path, vg_dir: str | Path) -> list[Path]:
-    """Every file SHR reads (the images excepted)."""
-    shr_dir, vg_dir = Path(shr_dir), Path(vg_dir)
-    return [shr_dir / "val_images_final.json", *_factual_files(shr_dir),
-            vg_dir / "image_data.json", vg_dir / "region_descriptions.json"]
+def shr_metrics(images: list[ImageJudgement]) -> dict:
+    """SHR metrics: ours, with HA-DPO's beside them under ``hadpo`` (:func:`hadpo_metrics`).
+
+    Ours: ``shr`` (hallucinated / labelled sentences × 100), ``shr_words`` (words of
+    hallucinated sentences / words of labelled sentences × 100), ``label_counts``,
+    ``labelled_sentences``; what could not be labelled, by cause: ``unlabelled_images`` and
+    ``unlabelled_sentences`` (``unknown_label``: a line of a labelled reply whose label is none
+    of :data:`LABELS`); and over the ``images`` judged (prompt too long excepted, as in HA-DPO)
+    ``sentences_per_image``, ``words_per_image``, ``hal_sentences_per_image``,
+    ``hal_words_per_image``. Words are whitespace-separated; a ratio without a denominator is None.
+    """
+    judged = [image for image in images if image.status != "prompt_too_long"]
+    labels: Counter = Counter()
+    words: Counter = Counter()
+    unlabelled: Counter = Counter()
+    for image in images:
+        for s in image.sentences:
+            if s.label is None:
+                unlabelled[image.status if image.status != "labelled" else "unknown_label"] += 1
+            else:
+                labels[s.label] += 1
+                words[s.label] += len(s.sentence.split())
+    n = len(judged)
+    statuses = Counter(image.status for image in images)
+    return {
+        "shr": _percent(labels["hallucination"], sum(labels.values())),
+        "shr_words": _percent(words["hallucination"], sum(words.values())),
+        "images": n,
+        "labelled_sentences": sum(labels.values()),
+        "label_counts": {label: labels[label] for label in LABELS},
+        "unlabelled_images": {status: statuses[status] for status in UNLABELLED},
+        "unlabelled_sentences": {cause: unlabelled[cause] for cause in ("unknown_label", *UNLABELLED)},
+        "sentences_per_image": _ratio(sum(len(i.sentences) for i in judged), n),
+        "words_per_image": _ratio(sum(len(s.sentence.split()) for i in judged for s in i.sentences), n),
+        "hal_sentences_per_image": _ratio(labels["hallucination"], n),
+        "hal_words_per_image": _ratio(words["hallucination"], n),
+        "hadpo": hadpo_metrics(judged),
+    }
 
 
-def _factual_files(shr_dir: Path) -> list[Path]:
-    return sorted(shr_dir.glob("shr_factual_part*.jsonl"))
+def hadpo_metrics(images: list[ImageJudgement]) -> dict:
+    """HA-DPO's ``get_metric`` with its names and rounding: fractions (not percentages) rounded
+    to 3 decimals, words split on single spaces, per-image figures over the judged images
+    (unlabelled sentences count in ``sents_per_image``, not in the ratios). ``mean_hal_ratio``
+    is the published SHR (one run). Where HA-DPO would divide by zero the value is None."""
+    sentences = [s for image in images for s in image.sentences]
+    labelled = [s for s in sentences if s.label is not None]
+    hallucinated = [s for s in labelled if s.label == "hallucination"]
+
+    def words(group: list[SentenceJudgement]) -> int:
+        return sum(len(s.sentence.split(" ")) for s in group)
+
+    n = len(images)
+    ratio = _rounded(len(hallucinated), len(labelled))
+    return {
+        "num_images": n,
+        "sents_per_image": _rounded(len(sentences), n),
+        "words_per_image": _rounded(words(sentences), n),
+        "hal_sents_per_image": _rounded(len(hallucinated), n),
+        "hal_words_per_image": _rounded(words(hallucinated), n),
+        "hal_sents_ratio": ratio,
+        "hal_words_ratio": _rounded(words(hallucinated), words(labelled)),
+        "mean_hal_ratio": ratio,
+    }
 
 
-def _load_facts(shr_dir: Path) -> dict[int, list[str]]:
-    parts = _factual_files(shr_dir)
-    if not parts:
-        raise UserError(f"{shr_dir}: no shr_factual_part*.jsonl files")
-    facts: dict[int, list[str]] = {}
-    for path in parts:
-        for lineno, record in enumerate(read_jsonl(path), start=1):
-            for key, sentences in record.items():
-                if not key.isdigit() or not isinstance(sentences, list):
-                    raise UserError(f'{path} record {lineno}: expected {{"<VG image id>": [sentences]}}')
-                facts[int(key)] = [str(s) for s in sentences]
-    return facts
+def summary(metrics: dict) -> list[str]:
+    """Readable lines for a report: the judge prompt and whether it is HA-DPO's, what could not
+    be labelled, and HA-DPO's own metrics."""
+    prompt = metrics["judge"]["prompt"]
+    comparable = "HA-DPO's prompt" if prompt["hadpo"] else "not HA-DPO's prompt: not comparable with published SHR"
+    images, sentences = metrics["unlabelled_images"], metrics["unlabelled_sentences"]
+
+    def causes(counts: dict) -> str:
+        return ", ".join(f"{cause.replace('_', ' ')} {count}" for cause, count in counts.items())
+
+    return [
+        f"judge: {metrics['judge']['model']}, prompt {prompt['path']} (sha256 {prompt['sha256'][:12]}, {comparable}), "
+        f"{metrics['judge']['parser']} parser",
+        f"not labelled: {sum(images.values())} images ({causes(images)}); "
+        f"{sum(sentences.values())} sentences ({causes(sentences)})",
+        "HA-DPO metrics: " + ", ".join(f"{name} {value}" for name, value in metrics["hadpo"].items()),
+    ]
 
 
-def _list(data, path: Path) -> list:
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list")
-    return data
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
 
 
-def _image_id(record, where: str) -> int:
-    value = record.get("image_id") if isinstance(record, dict) else record
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{where}: expected an integer image id, got {value!r}")
-    return value
+def _percent(num: float, den: float) -> float | None:
+    return num / den * 100 if den else None
+
+
+def _rounded(num: float, den: float) -> float | None:
+    return round(num / den, 3) if den else None
+
+
+# ---------------------------------------------------------------------------- a run
 
 
 def run_shr(
@@ -296,41 +365,59 @@ def run_shr(
     vg_dir: str | Path,
     judge: Judge,
     out_dir: str | Path,
+    options: ShrOptions | None = None,
     identity: dict | None = None,
 ) -> dict:
     """Judge ``descriptions`` (VG image id -> model description) and write the results.
 
     Writes ``out_dir/judgements.jsonl`` (per image: ``image_id``, ``description``, ``status``,
-    ``reply``, ``sentences`` with ``label`` and ``reason``) and ``out_dir/metrics.json``
-    (:func:`shr_metrics` plus ``val_images``, ``described_images`` and the evaluation's
-    ``identity`` when given). Images without any sentence are recorded without asking the
-    judge. Returns the metrics.
+    ``reply``, ``sentences`` with ``label`` and ``judgement``) and ``out_dir/metrics.json``
+    (:func:`shr_metrics` plus ``val_images``, ``described_images``, ``judge``: endpoint,
+    model, request settings, prompt path and SHA-256, parser, prompt limit; and the
+    evaluation's ``identity`` when given). Images without any sentence are recorded without
+    asking the judge. Returns the metrics.
     """
-    by_id = {_image_id({"image_id": k}, "descriptions"): v for k, v in descriptions.items()}
+    options = options or ShrOptions()
+    prompt = JudgePrompt.load(options.judge_prompt)
+    parser = PARSERS[options.parser]
+    by_id = {as_image_id(k, "descriptions: key"): v for k, v in descriptions.items()}
     images = load_shr_images(shr_dir, vg_dir, set(by_id))
     sentences = {i: split_sentences(by_id[i]) for i in images}
-    asked = [i for i in images if sentences[i]]
-    prompts = [build_judge_prompt(images[i].regions_text, images[i].facts, sentences[i]) for i in asked]
-    replies = dict(zip(asked, judge.complete_many(prompts)))
-    judged, lines = [], []
+    prompts = {i: prompt.format(_regions_text(image), image.facts, sentences[i]) for i, image in images.items()}
+    limit = options.max_prompt_chars
+    too_long = {i for i, text in prompts.items() if limit and len(text) > limit}
+    asked = [i for i in images if sentences[i] and i not in too_long]
+    replies = dict(zip(asked, judge.complete_many([prompts[i] for i in asked], accept=parser.has_judgement)))
+    verdicts = []
     for image_id in images:
-        if image_id in replies:
-            verdict = parse_judgement(image_id, replies[image_id], sentences[image_id])
+        if image_id in too_long:
+            verdicts.append(_unlabelled(image_id, "prompt_too_long", sentences[image_id]))
+        elif image_id in replies:
+            verdicts.append(parser.parse(image_id, replies[image_id], sentences[image_id]))
         else:
-            verdict = ImageJudgement(image_id, "labelled", [])
-        judged.append(verdict)
-        record = {
-            "image_id": image_id,
-            "description": by_id[image_id],
+            verdicts.append(ImageJudgement(image_id, "labelled", []))
+    lines = [
+        {
+            "image_id": verdict.image_id,
+            "description": by_id[verdict.image_id],
             "status": verdict.status,
-            "reply": replies.get(image_id),
+            "reply": replies.get(verdict.image_id),
             "sentences": [asdict(s) for s in verdict.sentences],
         }
-        lines.append(record)
-    metrics = {**shr_metrics(judged), "val_images": len(load_val_image_ids(shr_dir)), "described_images": len(images)}
-    if identity is not None:
-        metrics["identity"] = identity
+        for verdict in verdicts
+    ]
+    metrics = {
+        **shr_metrics(verdicts),
+        "val_images": len(load_val_image_ids(shr_dir)),
+        "described_images": len(images),
+        "judge": {**judge.describe(), "prompt": prompt.record(), "parser": options.parser, "max_prompt_chars": limit},
+        **({"identity": identity} if identity is not None else {}),
+    }
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "judgements.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _regions_text(image: ShrImage) -> str:
+    return format_regions(image.regions, image.width, image.height, image.where)

@@ -1,0 +1,137 @@
+"""Every file one command writes and another reads is read as written: each test runs the
+producer (the demo's evaluation, the training bootstrap's data export, ``eval pope build``,
+``eval pope --model``) and feeds its output, untouched, to the consumer. And ``eval run`` checks
+all its inputs before any model runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mllm_pib.cli import main
+from mllm_pib.demo.world import World, export_dataset
+from mllm_pib.evaluation import pope
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def bootstrap(tmp_path_factory):
+    """The data ``mllm-pib train``'s bootstrap writes (the world's export)."""
+    return export_dataset(World(11).sample(12, start=900), tmp_path_factory.mktemp("bootstrap"), seed=11)
+
+
+def test_demo_outputs_feed_eval_chair_and_eval_pope_score(tmp_path, tiny_model_dir, capsys):
+    from mllm_pib.demo.config import DemoConfig, EvalConfig, PreferenceConfig
+    from mllm_pib.demo.data import prepare_seed_data
+    from mllm_pib.demo.evaluate import evaluate_model
+
+    settings = EvalConfig(pope_images=3, chair_images=3, batch_size=32, max_description_tokens=6)
+    config = DemoConfig(preference=PreferenceConfig(scenes=2), evaluation=settings)
+    data = prepare_seed_data(config, 0, tmp_path / "data", progress=False)
+    result = evaluate_model(tiny_model_dir("llava"), "llava", None, data, settings, tmp_path / "eval")
+
+    code, out, err = run_cli(capsys, "eval", "chair", "--captions", tmp_path / "eval" / "chair" / "descriptions.jsonl",
+                             "--annotations", data.chair_annotations, "--synonyms", data.chair_synonyms, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert {k: report[k] for k in result["chair"] if k != "identity"} == {k: v for k, v in result["chair"].items()
+                                                                       if k != "identity"}
+    assert report["captions"] == 3
+    for split in pope.SPLITS:
+        code, out, err = run_cli(capsys, "eval", "pope", "score", "--json",
+                                 "--answers", tmp_path / "eval" / "pope" / f"answers_coco_pope_{split}.jsonl",
+                                 "--questions", data.pope_dir / f"coco_pope_{split}.json")
+        assert code == 0, err
+        assert json.loads(out)[split] == result["pope"][split]
+
+
+def test_bootstrap_objects_feed_pope_build_then_pope_with_a_model_then_score(bootstrap, tmp_path, tiny_model_dir, capsys):
+    code, _, err = run_cli(capsys, "eval", "pope", "build", "--annotations", bootstrap.objects, "--images", 2,
+                           "--seed", 3, "--out", tmp_path / "pope")
+    assert code == 0, err
+    questions = tmp_path / "pope" / "coco_pope_adversarial.json"
+    code, out, err = run_cli(capsys, "eval", "pope", "--backbone", "llava", "--model", tiny_model_dir("llava"),
+                             "--questions", questions, "--images", bootstrap.image_dir, "--out", tmp_path / "eval",
+                             "--max-new-tokens", 3, "--json")
+    assert code == 0, err
+    answered = json.loads(out)
+    code, out, err = run_cli(capsys, "eval", "pope", "score", "--json", "--questions", questions,
+                             "--answers", tmp_path / "eval" / "answers_coco_pope_adversarial.jsonl")
+    assert code == 0, err
+    assert json.loads(out) == {k: v for k, v in answered.items() if k != "identity"}
+    assert answered["adversarial"]["total"] == 12
+
+
+def test_bootstrap_objects_and_descriptions_feed_eval_chair(bootstrap, tmp_path, tiny_model_dir, capsys):
+    from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation.runner import GenerationSettings
+    from mllm_pib.evaluation.suite import describe_images
+
+    records = [json.loads(line) for line in bootstrap.objects.open()]
+    images = {int(Path(r["image"]).stem): bootstrap.image_dir / r["image"] for r in records[:4]}
+    model = load_model(tiny_model_dir("llava"), backbone="llava")
+    texts = describe_images(model, images, tmp_path / "descriptions.jsonl", settings=GenerationSettings(max_new_tokens=5))
+    code, out, err = run_cli(capsys, "eval", "chair", "--captions", tmp_path / "descriptions.jsonl",
+                             "--annotations", bootstrap.objects, "--synonyms", bootstrap.synonyms, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [(c["image_id"], c["caption"]) for c in report["per_caption"]] == sorted(texts.items())
+    truth = {int(Path(r["image"]).stem): sorted(set(r["objects"])) for r in records}
+    assert [c["ground_truth"] for c in report["per_caption"]] == [truth[i] for i in sorted(texts)]
+    assert report["matcher"] == "builtin"
+
+
+def eval_run_config(tmp_path: Path, bootstrap, tiny_model: str, chair_annotations: Path) -> Path:
+    pope_dir = tmp_path / "pope"
+    pope.write_splits(pope.build_splits(pope.load_object_images(bootstrap.objects), 2, 3), pope_dir)
+    config = {
+        "out": str(tmp_path / "eval"),
+        "models": [{"name": "base", "backbone": "llava", "model": tiny_model}],
+        "pope": {"questions": str(pope_dir), "images": str(bootstrap.image_dir), "max_new_tokens": 3},
+        "chair": {"annotations": [str(chair_annotations)], "images": str(bootstrap.image_dir),
+                  "synonyms": str(bootstrap.synonyms), "limit": 2, "max_new_tokens": 4},
+    }
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_eval_run_chair_on_the_bootstrap_objects(bootstrap, tmp_path, tiny_model_dir):
+    config = eval_run_config(tmp_path, bootstrap, tiny_model_dir("llava"), bootstrap.objects)
+    assert main(["eval", "run", "--config", str(config)]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())["models"]["base"]
+    assert report["chair"]["captions"] == 2 and report["chair"]["matcher"] == "builtin"
+    first = sorted(int(Path(json.loads(line)["image"]).stem) for line in bootstrap.objects.open())[:2]
+    described = (tmp_path / "eval" / "base" / "chair" / "descriptions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["question_id"] for line in described] == first
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"image_id": "seven", "objects": ["circle"]}, "record 2 'image_id': expected an integer image id"),
+        ({"image_id": 7, "objects": ["spaceship"]}, "record 2: object 'spaceship' is not a COCO object"),
+        ({"image": "999999.png", "objects": ["circle"]}, "1 images not found"),
+        ({"image_id": 5, "objects": ["circle"]}, "image id 5: the annotations name no image file"),
+    ],
+)
+def test_eval_run_refuses_a_bad_chair_input_before_pope_starts(bootstrap, tmp_path, tiny_model_dir, capsys, record, message):
+    first = json.loads(bootstrap.objects.read_text().splitlines()[0])
+    bad = tmp_path / "chair_objects.jsonl"
+    bad.write_text(json.dumps({"image": first["image"], "objects": first["objects"]}) + "\n" + json.dumps(record) + "\n")
+    config = eval_run_config(tmp_path, bootstrap, tiny_model_dir("llava"), bad)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "eval", "run", "--config", config)
+    assert code == 2 and message in err
+    assert not (tmp_path / "eval").exists()  # no model ran: POPE wrote nothing
+    assert time.perf_counter() - start < 20
