@@ -138,7 +138,7 @@ def test_overwrite_deletes_only_what_the_evaluation_wrote(llava, pib, pope_world
 
 
 def test_judging_given_descriptions_records_the_judge(tmp_path, capsys):
-    from test_shr import DESCRIPTIONS, FakeJudge, shr_inputs
+    from test_shr import DESCRIPTIONS, HADPO_PROMPT, FakeJudge, shr_inputs
 
     from mllm_pib.evaluation import shr
 
@@ -153,8 +153,21 @@ def test_judging_given_descriptions_records_the_judge(tmp_path, capsys):
         metrics = json.loads(capsys.readouterr().out)
         assert main(command) == 0  # the same judging again: continued, nothing asked twice
         assert json.loads(capsys.readouterr().out) == metrics and len(judge.requests) == 1
-        assert main([*command, "--judge-model", "other"]) == 2
-        assert "(judge.model: m → other)" in last_error(capsys)
+        # every setting that decides the verdicts is part of the identity
+        for flags, change in (
+            (["--judge-model", "other"], "(judge.model: m → other)"),
+            (["--judge-option", "temperature=0"], "(judge.request.temperature: 0.7 → 0.0)"),
+            (["--judge-reasks", "0"], "(judge.reasks: 5 → 0)"),
+            (["--judge-parser", "lenient"], "(judge.parser: hadpo → lenient)"),
+            (["--max-prompt-chars", "0"], "(judge.max_prompt_chars: 15000 → 0)"),
+            (["--judge-prompt", str(HADPO_PROMPT)], f"(judge.prompt_sha256: {sha256(shr.BUILTIN_PROMPT)} → "
+                                                    f"{sha256(HADPO_PROMPT)})"),
+        ):
+            assert main([*command, *flags]) == 2
+            assert change in last_error(capsys), flags
+        # transport settings do not change verdicts: the same judging
+        assert main([*command, "--judge-timeout", "30", "--judge-retries", "1", "--judge-concurrency", "2"]) == 0
+        assert json.loads(capsys.readouterr().out) == metrics and len(judge.requests) == 1
     finally:
         judge.close()
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -165,6 +178,42 @@ def test_judging_given_descriptions_records_the_judge(tmp_path, capsys):
         "reasks": 5, "prompt_sha256": sha256(shr.BUILTIN_PROMPT), "parser": "hadpo", "max_prompt_chars": 15000,
     }
     assert metrics["identity"]["inputs"]["descriptions"] == {"descriptions.json": sha256(tmp_path / "descriptions.json")}
+
+
+def test_judge_reads_the_descriptions_eval_shr_writes(tmp_path, capsys):
+    """``eval shr --model`` writes descriptions.jsonl; ``eval shr judge`` takes it as it is and
+    judges exactly what a JSON object of the same descriptions gives."""
+    from test_shr import DESCRIPTIONS, FakeJudge, shr_inputs
+
+    from mllm_pib.evaluation.pope import AnswerWriter
+
+    shr_dir, vg_dir = shr_inputs(tmp_path)
+    texts = {int(k): v for k, v in DESCRIPTIONS.items() if "SLOW" not in v}
+    (tmp_path / "descriptions.json").write_text(json.dumps({str(k): v for k, v in texts.items()}))
+    with AnswerWriter(tmp_path / "descriptions.jsonl") as writer:  # the writer of eval shr --model
+        for image_id, text in texts.items():
+            writer.write(image_id, "Describe this image in detail.", text)
+    judge = FakeJudge()
+    try:
+        results = {}
+        for name in ("descriptions.json", "descriptions.jsonl"):
+            assert main(["eval", "shr", "judge", "--descriptions", str(tmp_path / name), "--shr-dir", str(shr_dir),
+                         "--vg-dir", str(vg_dir), "--out", str(tmp_path / f"out-{name}"), "--judge-url", judge.url,
+                         "--json"]) == 0
+            results[name] = json.loads(capsys.readouterr().out)
+    finally:
+        judge.close()
+    judged = [json.loads(line) for line in (tmp_path / "out-descriptions.jsonl" / "judgements.jsonl").open()]
+    assert {r["image_id"]: r["description"] for r in judged} == texts
+    strip = lambda m: {k: v for k, v in m.items() if k != "identity"}  # noqa: E731
+    assert strip(results["descriptions.json"]) == strip(results["descriptions.jsonl"])
+    assert results["descriptions.jsonl"]["described_images"] == len(texts) == 5
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": 1, "prompt": "p", "text": 3}) + "\n")
+    assert main(["eval", "shr", "judge", "--descriptions", str(tmp_path / "bad.jsonl"), "--shr-dir", str(shr_dir),
+                 "--vg-dir", str(vg_dir), "--out", str(tmp_path / "bad"), "--judge-url", "http://127.0.0.1:9/v1"]) == 2
+    assert last_error(capsys) == f"error: {tmp_path / 'bad.jsonl'} record 1: field 'text': the description must be text, got 3"
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eval_run_refuses_another_model_under_the_same_name(llava, pib, pope_world, tmp_path, capsys):
@@ -199,4 +248,6 @@ def test_pope_build_refuses_other_splits_in_its_folder(tmp_path, capsys):
     capsys.readouterr()
     assert main([*command, "--seed", "1"]) == 2
     assert "(generation.seed: 0 → 1)" in last_error(capsys)
+    assert main([*command, "--sample-num", "2"]) == 2
+    assert "(generation.sample_num: 3 → 2)" in last_error(capsys)
     assert main([*command, "--seed", "1", "--overwrite"]) == 0

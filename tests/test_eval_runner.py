@@ -150,15 +150,22 @@ def test_cli_eval_shr_describes_with_the_model_then_judges(tmp_path, tiny_model_
                 "--judge-url", judge.url, "--judge-model", "m", "--json"]
         capsys.readouterr()  # drop what building the tiny model printed
         assert main(args) == 0
+        metrics = json.loads(capsys.readouterr().out)
+        # the descriptions it wrote feed eval shr judge as they are: the same verdicts
+        assert main(["eval", "shr", "judge", "--descriptions", str(tmp_path / "out" / "descriptions.jsonl"),
+                     "--shr-dir", str(shr_dir), "--vg-dir", str(vg_dir), "--out", str(tmp_path / "judged"),
+                     "--judge-url", judge.url, "--judge-model", "m", "--json"]) == 0
+        rejudged = json.loads(capsys.readouterr().out)
     finally:
         judge.close()
-    metrics = json.loads(capsys.readouterr().out)
     assert metrics["described_images"] == len(REGIONS)
     model = load_model(tiny_model_dir("llava"), backbone="llava")
     images = [Image.open(vg_dir / "VG_100K" / f"{i}.jpg") for i in REGIONS]
     expected = model.generate_text(images, ["Describe this image in detail."] * len(images), max_new_tokens=6, num_beams=2)
     judged = [json.loads(line) for line in (tmp_path / "out" / "judgements.jsonl").read_text().splitlines()]
     assert [j["description"] for j in judged] == expected
+    assert {k: v for k, v in rejudged.items() if k != "identity"} == {k: v for k, v in metrics.items() if k != "identity"}
+    assert (tmp_path / "judged" / "judgements.jsonl").read_text() == (tmp_path / "out" / "judgements.jsonl").read_text()
 
 
 def test_eval_run_report_for_two_models(pope_world, tiny_model_dir, tmp_path):

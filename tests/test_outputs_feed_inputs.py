@@ -91,16 +91,19 @@ def test_bootstrap_objects_and_descriptions_feed_eval_chair(bootstrap, tmp_path,
     assert report["matcher"] == "builtin"
 
 
-def eval_run_config(tmp_path: Path, bootstrap, tiny_model: str, chair_annotations: Path) -> Path:
+def eval_run_config(tmp_path: Path, bootstrap, tiny_model: str, chair_annotations: Path | None = None, **more) -> Path:
+    """An eval run config with POPE, CHAIR over ``chair_annotations`` (if given) and ``more`` sections."""
     pope_dir = tmp_path / "pope"
     pope.write_splits(pope.build_splits(pope.load_object_images(bootstrap.objects), 2, 3), pope_dir)
     config = {
         "out": str(tmp_path / "eval"),
         "models": [{"name": "base", "backbone": "llava", "model": tiny_model}],
         "pope": {"questions": str(pope_dir), "images": str(bootstrap.image_dir), "max_new_tokens": 3},
-        "chair": {"annotations": [str(chair_annotations)], "images": str(bootstrap.image_dir),
-                  "synonyms": str(bootstrap.synonyms), "limit": 2, "max_new_tokens": 4},
+        **more,
     }
+    if chair_annotations is not None:
+        config["chair"] = {"annotations": [str(chair_annotations)], "images": str(bootstrap.image_dir),
+                           "synonyms": str(bootstrap.synonyms), "limit": 2, "max_new_tokens": 4}
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -135,3 +138,71 @@ def test_eval_run_refuses_a_bad_chair_input_before_pope_starts(bootstrap, tmp_pa
     assert code == 2 and message in err
     assert not (tmp_path / "eval").exists()  # no model ran: POPE wrote nothing
     assert time.perf_counter() - start < 20
+
+
+def shr_run_config(tmp_path: Path, bootstrap, tiny_model: str, **judge) -> tuple[Path, Path, Path]:
+    """An eval run config with POPE and SHR (over a real-looking SHR folder and VG images)."""
+    from PIL import Image
+    from test_shr import REGIONS, shr_inputs
+
+    shr_dir, vg_dir = shr_inputs(tmp_path)
+    (vg_dir / "VG_100K").mkdir()
+    for i in REGIONS:
+        Image.new("RGB", (8, 8), (30 * i, 100, 50)).save(vg_dir / "VG_100K" / f"{i}.jpg")
+    shr = {"shr_dir": str(shr_dir), "vg_dir": str(vg_dir), "max_new_tokens": 4, "num_beams": 1,
+           "judge": {"url": "http://127.0.0.1:9/v1", **judge}}
+    return eval_run_config(tmp_path, bootstrap, tiny_model, shr=shr), shr_dir, vg_dir
+
+
+def _drop_regions(shr_dir: Path, vg_dir: Path) -> str:
+    (vg_dir / "region_descriptions.json").unlink()
+    return f"{vg_dir / 'region_descriptions.json'}: SHR input file not found"
+
+
+def _drop_an_image(shr_dir: Path, vg_dir: Path) -> str:
+    (vg_dir / "VG_100K" / "3.jpg").unlink()
+    return f"SHR images in {vg_dir}: 1 images not found, e.g. ['{vg_dir / 'VG_100K' / '3.jpg'}']"
+
+
+def _no_facts(shr_dir: Path, vg_dir: Path) -> str:
+    for path in shr_dir.glob("shr_factual_part*.jsonl"):
+        path.unlink()
+    return f"{shr_dir}: no shr_factual_part*.jsonl files"
+
+
+def _image_outside(shr_dir: Path, vg_dir: Path) -> str:
+    index = json.loads((vg_dir / "image_data.json").read_text())
+    index[1]["url"] = "https://x/VG_100K/../../secret.jpg"
+    (vg_dir / "image_data.json").write_text(json.dumps(index))
+    return "'../secret.jpg' leads to "
+
+
+def _no_val_file(shr_dir: Path, vg_dir: Path) -> str:
+    (shr_dir / "val_images_final.json").unlink()
+    return f"{shr_dir / 'val_images_final.json'}: SHR input file not found"
+
+
+@pytest.mark.parametrize("breaks", [_drop_regions, _drop_an_image, _no_facts, _image_outside, _no_val_file])
+def test_eval_run_refuses_a_bad_shr_input_before_any_model(bootstrap, tmp_path, tiny_model_dir, capsys, breaks):
+    config, shr_dir, vg_dir = shr_run_config(tmp_path, bootstrap, tiny_model_dir("llava"))
+    message = breaks(shr_dir, vg_dir)
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "eval", "run", "--config", config)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "eval").exists()  # no model ran: POPE wrote nothing
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("judge, message", [
+    ({"api_key_env": "MLLM_PIB_TEST_NO_SUCH_KEY"}, "the judge API key variable MLLM_PIB_TEST_NO_SUCH_KEY is not set"),
+    ({}, "judge prompt {missing}: cannot read"),
+])
+def test_eval_run_refuses_a_bad_judge_setting_before_any_model(bootstrap, tmp_path, tiny_model_dir, capsys, monkeypatch,
+                                                                judge, message):
+    monkeypatch.delenv("MLLM_PIB_TEST_NO_SUCH_KEY", raising=False)
+    config, _, _ = shr_run_config(tmp_path, bootstrap, tiny_model_dir("llava"), **judge)
+    missing = tmp_path / "no_prompt.txt"
+    extra = [] if judge else ["--set", f"shr.judge_prompt={missing}"]
+    code, _, err = run_cli(capsys, "eval", "run", "--config", config, *extra)
+    assert code == 2 and message.format(missing=missing) in err, err
+    assert not (tmp_path / "eval").exists()
