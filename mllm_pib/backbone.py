@@ -38,14 +38,19 @@ class VisionFeatures:
         llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input (``None`` when
             read back from a feature cache, where the LLM has already run).
         pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
+        rows: optional ``[R]`` image index of each row of a text batch whose rows share images
+            (a preference pair's two answers): the block then aligns and projects each image
+            once (``vision_index`` of :class:`~mllm_pib.block.PostInteractionBlock`). ``None``:
+            text row ``b`` reads image ``b``.
     """
 
     pib: torch.Tensor
     llm: torch.Tensor | None
     pib_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
-        """Apply ``fn`` to every tensor (indexing, repeating, moving)."""
+        """Apply ``fn`` to every per-image tensor (indexing, repeating, moving); ``rows`` is kept."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask))
 

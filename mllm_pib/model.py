@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -43,7 +43,9 @@ class PairHidden:
     rows: torch.Tensor  # [2B] pair index of each row
 
     def vision(self, vision: VisionFeatures) -> VisionFeatures:
-        return vision.map(lambda t: t[self.rows])
+        """The pairs' images, each once, and the pair of each row: the block projects an
+        image once for both of its answers."""
+        return replace(vision, rows=self.rows)
 
 
 class PIBModel(nn.Module):
@@ -177,10 +179,10 @@ class PIBModel(nn.Module):
         targets = shift_labels(labels)
         index, valid = _scored_positions(targets)
         if policy and not self.pib.config.position_wise:
-            hidden = self.pib(hidden, vision.pib, vision.pib_mask, text_mask=attention_mask)
+            hidden = self.pib(hidden, vision.pib, vision.pib_mask, text_mask=attention_mask, vision_index=vision.rows)
         picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if policy and self.pib.config.position_wise:
-            picked = self.pib(picked, vision.pib, vision.pib_mask)
+            picked = self.pib(picked, vision.pib, vision.pib_mask, vision_index=vision.rows)
         head = self.backbone.lm_head if policy else self.reference_head()
         picked_targets = targets.gather(1, index).masked_fill(~valid, 0)
         logps = token_logps(head(picked), picked_targets) * valid

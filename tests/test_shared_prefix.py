@@ -55,3 +55,41 @@ def test_shared_prefix_equals_full_forwards(backbone_name, interaction, tiny_mod
     if interaction == "cross_attention":
         # only the last prompt position and the answers are kept
         assert shared.hidden.shape[1] == 1 + batch["answer_ids"].shape[1]
+
+
+def test_pair_rows_share_their_image_projection(tiny_model_dir, world_data):
+    """A preference step aligns and projects each pair's image once for both answers, with the
+    log-probs and gradients of giving each row its own copy of the image (fp32)."""
+    from mllm_pib.config import LossConfig
+    from mllm_pib.freezing import FreezePolicy
+    from mllm_pib.training.preference import PreferenceStep
+
+    backbone = get_backbone("llava").load(tiny_model_dir("llava"))
+    torch.manual_seed(0)
+    model = PIBModel(backbone, pib_config={"num_heads": 4, "intermediate_size": 64})
+    with torch.no_grad():
+        for name, param in model.pib.named_parameters():
+            if name.endswith("_gate"):
+                param.fill_(0.8)
+    policy = FreezePolicy.preset("stage1")
+    policy.apply(model)
+    batch = pair_batch(backbone, world_data)
+    seen = []
+    model.pib.align.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    loss, _ = PreferenceStep(model, policy, LossConfig())(batch)
+    assert seen == [len(batch["pair_ids"])]  # one image per pair, not one per answer row
+
+    with torch.no_grad():
+        vision = backbone.encode_vision(**batch["vision_inputs"])
+        rows = model.pair_hidden(batch, vision)
+    weights = torch.randn(rows.hidden.shape[0])
+    grads = []
+    for row_vision in (rows.vision(vision), vision.map(lambda t: t[rows.rows])):  # shared, then per row
+        model.zero_grad()
+        scores = model.score_answers(rows.hidden, row_vision, rows.labels, rows.text_mask)
+        (scores.logps * weights).sum().backward()
+        grads.append((scores.logps.detach(), {n: p.grad.clone() for n, p in model.pib.named_parameters()}))
+    (shared_logps, shared_grads), (row_logps, row_grads) = grads
+    assert torch.allclose(shared_logps, row_logps, atol=1e-4)
+    for name, grad in shared_grads.items():
+        assert torch.allclose(grad, row_grads[name], rtol=1e-4, atol=1e-5), name
