@@ -121,7 +121,8 @@ class Backbone(nn.Module):
             hidden: ``[B, T, H]`` input embeddings of the new tokens.
             vision_feats: the images' features; their ``llm`` embeddings replace the positions
                 of ``image_mask``. ``None`` when the new tokens hold no placeholder (decoding).
-            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding.
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding; or, when
+                :attr:`packs_pairs`, a ``[B, 1, T, T]`` additive mask with ``position_ids``.
             cache: the decoder KV cache to extend (``None``: no cache kept).
             image_mask: ``[B, T]`` bool, positions of the visual placeholders.
             position_ids: ``[B, T]``; derived from ``attention_mask`` when omitted.
@@ -132,6 +133,13 @@ class Backbone(nn.Module):
     def lm_head(self) -> nn.Module:
         """The vocabulary projection."""
         raise NotImplementedError
+
+    @property
+    def packs_pairs(self) -> bool:
+        """True when :meth:`lm_forward` also takes a ``[B, 1, T, T]`` additive float
+        ``attention_mask`` (with ``position_ids``): a preference pair's prompt and both answers
+        then run as one row (:mod:`mllm_pib.packing`); otherwise each answer row runs whole."""
+        return False
 
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for the freezing policy (a subset of ``vision``, ``projector``,
@@ -290,6 +298,11 @@ class DecoderBackbone(Backbone):
     @property
     def lm_head(self) -> nn.Module:
         return self._lm_head
+
+    @property
+    def packs_pairs(self) -> bool:
+        # transformers' decoders use a prepared 4D mask as it is with these two attentions
+        return getattr(self.decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.decoder.config)
