@@ -38,14 +38,19 @@ class VisionFeatures:
         llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input (``None`` when
             read back from a feature cache, where the LLM has already run).
         pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
+        rows: optional ``[R]`` image index of each row of a text batch whose rows share images
+            (a preference pair's two answers): the block then aligns and projects each image
+            once (``vision_index`` of :class:`~mllm_pib.block.PostInteractionBlock`). ``None``:
+            text row ``b`` reads image ``b``.
     """
 
     pib: torch.Tensor
     llm: torch.Tensor | None
     pib_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
-        """Apply ``fn`` to every tensor (indexing, repeating, moving)."""
+        """Apply ``fn`` to every per-image tensor (indexing, repeating, moving); ``rows`` is kept."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask))
 
@@ -116,7 +121,8 @@ class Backbone(nn.Module):
             hidden: ``[B, T, H]`` input embeddings of the new tokens.
             vision_feats: the images' features; their ``llm`` embeddings replace the positions
                 of ``image_mask``. ``None`` when the new tokens hold no placeholder (decoding).
-            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding.
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding; or, when
+                :attr:`packs_pairs`, a ``[B, 1, T, T]`` additive mask with ``position_ids``.
             cache: the decoder KV cache to extend (``None``: no cache kept).
             image_mask: ``[B, T]`` bool, positions of the visual placeholders.
             position_ids: ``[B, T]``; derived from ``attention_mask`` when omitted.
@@ -127,6 +133,13 @@ class Backbone(nn.Module):
     def lm_head(self) -> nn.Module:
         """The vocabulary projection."""
         raise NotImplementedError
+
+    @property
+    def packs_pairs(self) -> bool:
+        """True when :meth:`lm_forward` also takes a ``[B, 1, T, T]`` additive float
+        ``attention_mask`` (with ``position_ids``): a preference pair's prompt and both answers
+        then run as one row (:mod:`mllm_pib.packing`); otherwise each answer row runs whole."""
+        return False
 
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for the freezing policy (a subset of ``vision``, ``projector``,
@@ -313,6 +326,11 @@ class DecoderBackbone(Backbone):
     @property
     def lm_head(self) -> nn.Module:
         return self._lm_head
+
+    @property
+    def packs_pairs(self) -> bool:
+        # transformers' decoders use a prepared 4D mask as it is with these two attentions
+        return getattr(self.decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.decoder.config)

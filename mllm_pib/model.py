@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from mllm_pib.backbone import Backbone, VisionFeatures
 from mllm_pib.block import PIBConfig, PostInteractionBlock
 from mllm_pib.objectives import IGNORE_INDEX, shift_labels, token_logps
+from mllm_pib.packing import pack_pairs
 
 
 @dataclass
@@ -43,7 +44,9 @@ class PairHidden:
     rows: torch.Tensor  # [2B] pair index of each row
 
     def vision(self, vision: VisionFeatures) -> VisionFeatures:
-        return vision.map(lambda t: t[self.rows])
+        """The pairs' images, each once, and the pair of each row: the block projects an
+        image once for both of its answers."""
+        return replace(vision, rows=self.rows)
 
 
 class PIBModel(nn.Module):
@@ -132,11 +135,11 @@ class PIBModel(nn.Module):
         """Backbone hidden states of every answer row of a pair batch (see
         :class:`~mllm_pib.data.dataset.PreferenceCollator`), with labels aligned to them.
 
-        With ``shared_prefix`` (backbones with a KV cache), image + prompt run through the
-        decoder once per pair and both answers continue from that cache; the rows then hold
-        only what scoring needs: the last prompt position (it predicts the first answer token)
-        and the answer positions — or the whole sequence for a block that attends over the
-        text. Otherwise each row runs whole. Both give the same hidden states and log-probs.
+        With ``shared_prefix`` (backbones whose decoder takes a block mask), each pair runs as
+        one decoder row — image + prompt once, then both answers (:mod:`mllm_pib.packing`); the
+        rows then hold only what scoring needs: the last prompt position (it predicts the first
+        answer token) and the answer positions — or the whole sequence for a block that attends
+        over the text. Otherwise each row runs whole. Both give the same hidden states and log-probs.
         """
         bb = self.backbone
         n_pairs = batch["prompt_ids"].shape[0]
@@ -145,18 +148,17 @@ class PIBModel(nn.Module):
         answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
         answer_labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
         mask = torch.cat([prompt_mask, answer_mask], 1)
-        if not (shared_prefix and hasattr(bb, "new_cache")):
+        if not (shared_prefix and bb.packs_pairs):
             ids = torch.cat([prompt_ids, answer_ids], 1)
             hidden = self.backbone_hidden(ids, mask, vision.map(lambda t: t[rows]))
             labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_labels], 1)
             return PairHidden(hidden, labels, mask, rows)
-        cache = bb.new_cache()
-        prompt = bb.lm_forward(bb.embed(batch["prompt_ids"]), vision, batch["prompt_mask"], cache,
-                               image_mask=batch["prompt_ids"] == bb.image_token_id)
-        cache.reorder_cache(rows)  # one copy of the prompt's cache per answer row
-        answers = bb.lm_forward(bb.embed(answer_ids), None, mask, cache).hidden
+        packed = pack_pairs(batch)
+        embeds = bb.embed(packed.ids)
+        out = bb.lm_forward(embeds, vision, packed.mask(embeds.dtype), image_mask=packed.ids == bb.image_token_id,
+                            position_ids=packed.positions)
         keep = 1 if self.pib.config.position_wise else prompt_ids.shape[1]
-        hidden = torch.cat([prompt.hidden[rows, -keep:], answers], 1)
+        hidden = packed.answer_rows(out.hidden, keep)
         labels = torch.cat([torch.full_like(prompt_ids[:, -keep:], IGNORE_INDEX), answer_labels], 1)
         return PairHidden(hidden, labels, mask[:, -labels.shape[1]:], rows)
 
@@ -177,10 +179,10 @@ class PIBModel(nn.Module):
         targets = shift_labels(labels)
         index, valid = _scored_positions(targets)
         if policy and not self.pib.config.position_wise:
-            hidden = self.pib(hidden, vision.pib, vision.pib_mask, text_mask=attention_mask)
+            hidden = self.pib(hidden, vision.pib, vision.pib_mask, text_mask=attention_mask, vision_index=vision.rows)
         picked = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         if policy and self.pib.config.position_wise:
-            picked = self.pib(picked, vision.pib, vision.pib_mask)
+            picked = self.pib(picked, vision.pib, vision.pib_mask, vision_index=vision.rows)
         head = self.backbone.lm_head if policy else self.reference_head()
         picked_targets = targets.gather(1, index).masked_fill(~valid, 0)
         logps = token_logps(head(picked), picked_targets) * valid

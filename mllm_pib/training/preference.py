@@ -47,7 +47,8 @@ class PreferenceStep:
         with torch.no_grad():
             if upstream_trains:
                 with self._reference_backbone():
-                    vision = model.backbone.encode_vision(**batch["vision_inputs"])
+                    if _trained(vision):  # else only the LLM trains (LoRA): the images are the same
+                        vision = model.backbone.encode_vision(**batch["vision_inputs"])
                     rows = model.pair_hidden(batch, vision, self.shared_prefix)
             ref_scores = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=False)
 
@@ -95,6 +96,10 @@ class PreferenceStep:
                 for name, param in backbone.named_parameters():
                     if name in saved:
                         param.data = saved[name]
+
+
+def _trained(vision) -> bool:
+    return any(t is not None and t.requires_grad for t in (vision.pib, vision.llm))
 
 
 def _is_head(model, param) -> bool:
