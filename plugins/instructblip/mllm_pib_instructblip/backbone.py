@@ -39,6 +39,7 @@ class InstructBlipBackbone(DecoderBackbone):
         super().__init__()
         check_feature(feature)
         config = model.config
+        apply_ln_vision_eps(model)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -131,6 +132,15 @@ class QFormerWithQueries(nn.Module):
         super().__init__()
         self.qformer = qformer
         self.query_tokens = query_tokens
+
+
+def apply_ln_vision_eps(model) -> None:
+    """Give the ViT's final norm the epsilon the configuration records (``vision_config.ln_vision_eps``,
+    set when the weights come from LAVIS, whose ``ln_vision`` uses 1e-5); transformers builds it
+    with the ViT blocks' ``layer_norm_eps``."""
+    eps = getattr(model.config.vision_config, "ln_vision_eps", None)
+    if eps is not None:
+        model.vision_model.post_layernorm.eps = eps
 
 
 def check_feature(feature: str) -> None:

@@ -38,6 +38,15 @@ def backbone(tiny_dir):
 
 
 @pytest.fixture(scope="module")
+def native_lavis_eps(tiny_dir):
+    """The transformers-layout model with LAVIS's ``ln_vision`` epsilon: what a LAVIS checkpoint of
+    the same weights must give."""
+    bb = load(str(tiny_dir))
+    bb.model.vision_model.post_layernorm.eps = 1e-5
+    return bb
+
+
+@pytest.fixture(scope="module")
 def plain(tiny_dir):
     return InstructBlipForConditionalGeneration.from_pretrained(tiny_dir).eval()
 
@@ -232,7 +241,7 @@ def _batch(backbone, images):
     return ids, mask, backbone.preprocess(images, QUESTIONS)
 
 
-def test_lavis_full_checkpoint_matches_native(backbone, tiny_dir, images, tmp_path):
+def test_lavis_full_checkpoint_matches_native(backbone, native_lavis_eps, tiny_dir, images, tmp_path):
     path = tmp_path / "instruct_blip_tiny.pth"
     torch.save({"model": to_lavis(backbone.model.state_dict()), "epoch": 1}, path)
     lavis = load(str(path), config_path=str(tiny_dir))
@@ -243,12 +252,35 @@ def test_lavis_full_checkpoint_matches_native(backbone, tiny_dir, images, tmp_pa
         assert torch.equal(lavis_state[key], value), key
     ids, mask, vision_inputs = _batch(backbone, images)
     torch.testing.assert_close(
-        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(backbone, ids, mask, vision_inputs),
+        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(native_lavis_eps, ids, mask, vision_inputs),
         atol=0, rtol=0,
     )
 
 
-def test_lavis_trimmed_checkpoint_with_vit_and_llm_files(backbone, tiny_dir, images, tmp_path):
+def test_lavis_checkpoint_uses_lavis_ln_vision_eps(backbone, plain, tiny_dir, images, tmp_path):
+    """LAVIS's ``ln_vision`` is ``LayerNorm(1408)`` with PyTorch's default epsilon 1e-5 (transformers
+    uses the ViT's 1e-6); the epsilon survives ``save_pretrained``."""
+    path = tmp_path / "instruct_blip_tiny.pth"
+    torch.save({"model": to_lavis(backbone.model.state_dict())}, path)
+    lavis = load(str(path), config_path=str(tiny_dir))
+    inputs = lavis.preprocess(images, QUESTIONS)
+    with torch.no_grad():
+        features = lavis.encode_vision(**inputs).pib
+        before_norm = plain.vision_model(inputs["pixel_values"], output_hidden_states=True).hidden_states[-1]
+        norm = plain.vision_model.post_layernorm
+        lavis_norm = torch.nn.functional.layer_norm(before_norm, norm.normalized_shape, norm.weight, norm.bias, 1e-5)
+        transformers_norm = torch.nn.functional.layer_norm(
+            before_norm, norm.normalized_shape, norm.weight, norm.bias, 1e-6
+        )
+    assert torch.equal(features, lavis_norm)
+    assert not torch.equal(features, transformers_norm)
+    lavis.save_pretrained(str(tmp_path / "saved"))
+    again = load(str(tmp_path / "saved"))
+    assert again.model.vision_model.post_layernorm.eps == 1e-5
+    assert backbone.model.vision_model.post_layernorm.eps == 1e-6  # a transformers directory keeps its own
+
+
+def test_lavis_trimmed_checkpoint_with_vit_and_llm_files(backbone, native_lavis_eps, tiny_dir, images, tmp_path):
     lavis_state = to_lavis(backbone.model.state_dict())
     trimmed = {k: v for k, v in lavis_state.items() if not k.startswith(("visual_encoder.", "llm_model."))}
     torch.save(trimmed, tmp_path / "trimmed.pth")
@@ -264,12 +296,12 @@ def test_lavis_trimmed_checkpoint_with_vit_and_llm_files(backbone, tiny_dir, ima
     )
     ids, mask, vision_inputs = _batch(backbone, images)
     torch.testing.assert_close(
-        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(backbone, ids, mask, vision_inputs),
+        contract_logits(lavis, ids, mask, vision_inputs), contract_logits(native_lavis_eps, ids, mask, vision_inputs),
         atol=0, rtol=0,
     )
 
 
-def test_llm_with_smaller_vocabulary_gets_mean_rows(backbone, tiny_dir, images, tmp_path):
+def test_llm_with_smaller_vocabulary_gets_mean_rows(backbone, native_lavis_eps, tiny_dir, images, tmp_path):
     lavis_state = to_lavis(backbone.model.state_dict())
     torch.save({k: v for k, v in lavis_state.items() if not k.startswith("llm_model.")}, tmp_path / "ckpt.pth")
     llm = {k: v.clone() for k, v in backbone.model.language_model.state_dict().items()}
@@ -284,7 +316,7 @@ def test_llm_with_smaller_vocabulary_gets_mean_rows(backbone, tiny_dir, images, 
     assert not (ids == len(backbone.tokenizer) - 1).any()
     torch.testing.assert_close(
         contract_logits(lavis, ids, mask, vision_inputs)[..., :-1],
-        contract_logits(backbone, ids, mask, vision_inputs)[..., :-1], atol=0, rtol=0,
+        contract_logits(native_lavis_eps, ids, mask, vision_inputs)[..., :-1], atol=0, rtol=0,
     )
 
 
