@@ -144,9 +144,12 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
-    def stop_token_ids(self) -> list[int]:
-        """Tokens that end generation."""
-        return [self.tokenizer.eos_token_id]
+    def stop_sequences(self) -> list[list[int]]:
+        """Token-id sequences that end generation (any of them, as soon as the new tokens end
+        with it); the decoded answer stops before it. Default: the end-of-sequence token.
+        A backbone whose model ends its answers with a text marker lists that marker's ids too,
+        e.g. with :func:`text_stop_sequences`."""
+        return [[self.tokenizer.eos_token_id]]
 
     @property
     def pad_token_id(self) -> int:
@@ -178,6 +181,22 @@ class Backbone(nn.Module):
             digest.update(json.dumps([name, list(tensor.shape)]).encode())
             digest.update(sample.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def text_stop_sequences(tokenizer, text: str) -> list[list[int]]:
+    """The token-id sequences ``text`` becomes in generated text: at the start, after a space,
+    glued to a word and after a newline (a SentencePiece tokenizer gives ``###`` several forms:
+    ``▁###``, ``##`` ``#``, ``###``). Each form is listed once, in that order."""
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    forms: list[list[int]] = []
+    for context in ("", " ", "a", "\n"):
+        before, ids = encode(context), encode(context + text)
+        form = ids[len(before):] if ids[: len(before)] == before else []
+        if form and form not in forms:
+            forms.append(form)
+    return forms
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None = torch.float32) -> torch.dtype | None:

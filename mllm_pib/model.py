@@ -210,9 +210,10 @@ class PIBModel(nn.Module):
         return [self.decode(row) for row in tokens.tolist()]
 
     def decode(self, tokens: list[int]) -> str:
-        """Text of generated tokens, cut at the first stop token."""
-        stops = set(self.backbone.stop_token_ids)
-        end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+        """Text of generated tokens, up to (not including) the first stop sequence."""
+        from mllm_pib.generation import first_stop
+
+        end = first_stop(tokens, self.backbone.stop_sequences)
         return self.backbone.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
 
     @torch.no_grad()
@@ -236,8 +237,8 @@ class PIBModel(nn.Module):
 
         Args:
             stop: called with a row's new token ids after each step; ``True`` ends that row
-                (e.g. at the first sentence end for POPE). The backbone's stop tokens always
-                end a row.
+                (e.g. at the first sentence end for POPE). The backbone's stop sequences
+                always end a row (the returned tokens include the sequence).
             bypass_pib: generate with the base model (block bypassed, original head).
 
         Returns ``[B, L]`` new token ids, rows padded with the pad id after their end.
