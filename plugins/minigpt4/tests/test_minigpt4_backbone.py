@@ -11,7 +11,7 @@ from mllm_pib.errors import UserError
 from mllm_pib.plugins import get_backbone
 from mllm_pib.tokenizer import train_tokenizer
 from PIL import Image
-from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionModel, LlamaConfig, LlamaForCausalLM
 
 from mllm_pib_minigpt4.backbone import load
 from mllm_pib_minigpt4.configuration import MiniGPT4Config
@@ -114,53 +114,74 @@ def test_placeholders_equal_minigpt4_segment_concatenation(backbones, variant):
 
 # --- vision features ----------------------------------------------------------------------------
 
-# (variant, feature) -> per-image shape on the tiny models: v1 32 px / patch 8 -> 1 + 16 ViT
-# tokens, 8 queries; llama2 48 px / patch 8 -> 1 + 36 tokens -> 9 merged tokens; widths 32 / 64.
-FEATURE_SHAPES = {
-    ("v1", "vit"): (17, 32),
-    ("v1", "qformer"): (8, 32),
-    ("v1", "projected"): (8, 64),
-    ("llama2", "vit"): (37, 32),
-    ("llama2", "projected"): (9, 64),
-}
+# BLIP-2 needs a language model; the tests never run it.
+TINY_OPT = dict(model_type="opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=64, word_embed_proj_dim=16)
 
 
-@pytest.mark.parametrize(("variant", "feature"), list(FEATURE_SHAPES))
-def test_feature_shapes(tiny_dirs, variant, feature):
+def reference_features(model, pixels: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """MiniGPT-4's ``encode_img`` computed with transformers' BLIP-2 run directly on the model's
+    weights: ``ln_vision`` (LayerNorm, PyTorch's default epsilon 1e-5) of the EVA-ViT output; ``v1``:
+    ``Blip2ForConditionalGeneration.get_image_features`` with ``llama_proj`` as its
+    ``language_projection``; ``llama2``: CLS dropped, every 4 consecutive patch tokens concatenated
+    (``view(bs, pn // 4, hs * 4)``), then ``llama_proj``."""
+    config = model.config
+    ln = model.vision_model.post_layernorm
+    if config.variant == "llama2":
+        vision = Blip2VisionModel(config.vision_config).eval()
+        vision.load_state_dict(model.vision_model.state_dict())
+        before_norm = vision(pixels, output_hidden_states=True).hidden_states[-1]
+        vit = torch.nn.functional.layer_norm(before_norm, ln.normalized_shape, ln.weight, ln.bias, 1e-5)
+        patches = vit[:, 1:]
+        batch_size, count, width = patches.shape
+        merged = patches.reshape(batch_size, count // 4, width * 4)
+        projected = torch.nn.functional.linear(merged, model.llama_proj.weight, model.llama_proj.bias)
+        return {"vit": vit, "qformer": None, "projected": projected}
+    blip2 = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
+        text_config={**TINY_OPT, "hidden_size": model.config.text_config.hidden_size,
+                     "word_embed_proj_dim": model.config.text_config.hidden_size},
+        num_query_tokens=config.num_query_tokens,
+    )).eval()
+    weights = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "qformer.", "query"))}
+    weights.update({f"language_projection.{name}": t for name, t in model.llama_proj.state_dict().items()})
+    result = blip2.load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("language_model.") for k in result.missing_keys)
+    blip2.vision_model.post_layernorm.eps = 1e-5
+    out = blip2.get_image_features(pixels)
+    return {"vit": out.last_hidden_state, "qformer": out.qformer_outputs.last_hidden_state,
+            "projected": out.pooler_output}
+
+
+FEATURES = [("v1", "vit"), ("v1", "qformer"), ("v1", "projected"), ("llama2", "vit"), ("llama2", "projected")]
+
+
+@pytest.mark.parametrize(("variant", "feature"), FEATURES)
+def test_features_equal_blip2_run_directly(tiny_dirs, variant, feature):
     backbone = load(tiny_dirs[variant], feature=feature)
     inputs = backbone.preprocess(images(3), list(QUESTIONS[:1]) * 3)
     with torch.no_grad():
         vision = backbone.encode_vision(**inputs)
-        plain = backbone.model.get_image_features(inputs["pixel_values"])
-    tokens = {"v1": 8, "llama2": 9}[variant]
-    assert vision.pib.shape == (3, *FEATURE_SHAPES[variant, feature])
-    assert backbone.pib_vision_size == vision.pib.shape[-1]
+        expected = reference_features(backbone.model, inputs["pixel_values"])
+    config = backbone.model.config
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    tokens = config.num_query_tokens if variant == "v1" else patches // 4
+    widths = {"vit": config.vision_config.hidden_size, "projected": backbone.hidden_size,
+              "qformer": config.qformer_config.hidden_size if config.qformer_config else None}
+    counts = {"vit": patches + 1, "qformer": config.num_query_tokens, "projected": tokens}
+    assert vision.pib.shape == (3, counts[feature], widths[feature]) and backbone.pib_vision_size == widths[feature]
     assert vision.llm.shape == (3, tokens, backbone.hidden_size) and backbone.num_image_tokens == tokens
-    torch.testing.assert_close(vision.llm, plain.projected)
-    torch.testing.assert_close(vision.pib, getattr(plain, feature))
+    torch.testing.assert_close(vision.pib, expected[feature], atol=1e-6, rtol=0)
+    torch.testing.assert_close(vision.llm, expected["projected"], atol=1e-6, rtol=0)
+    assert (vision.llm[0] - vision.llm[1]).abs().max() > 1e-3, "the visual tokens must depend on the image"
 
 
-def test_llama2_merges_four_consecutive_patches(backbones):
-    backbone = backbones["llama2"]
-    pixels = backbone.preprocess(images(2), list(QUESTIONS))["pixel_values"]
-    with torch.no_grad():
-        features = backbone.model.get_image_features(pixels)
-        patches = features.vit[:, 1:]
-        proj = backbone.model.llama_proj
-        for token in range(features.projected.shape[1]):
-            merged = torch.cat([patches[:, 4 * token + k] for k in range(4)], dim=-1)
-            torch.testing.assert_close(features.projected[:, token], proj(merged))
-    assert features.qformer is None
-
-
-def test_v1_projects_the_qformer_output(backbones):
-    backbone = backbones["v1"]
-    pixels = backbone.preprocess(images(2), list(QUESTIONS))["pixel_values"]
-    with torch.no_grad():
-        features = backbone.model.get_image_features(pixels)
-        torch.testing.assert_close(features.projected, backbone.model.llama_proj(features.qformer))
-        # the visual tokens depend on the image
-        assert (features.projected[0] - features.projected[1]).abs().max() > 1e-3
+def test_ln_vision_uses_minigpt4_epsilon(backbones):
+    """MiniGPT-4's ``ln_vision`` is ``LayerNorm(1408)``: epsilon 1e-5, not the ViT blocks' 1e-6."""
+    for backbone in backbones.values():
+        vision = backbone.model.vision_model
+        assert vision.post_layernorm.eps == 1e-5
+        assert {layer.layer_norm1.eps for layer in vision.encoder.layers} == {1e-6}
 
 
 def test_train_mode_changes_nothing(backbones):
@@ -263,8 +284,7 @@ def write_pieces(root, variant: str, *, ln_vision: bool = False, shard: bool = F
     blip2 = Blip2ForConditionalGeneration(Blip2Config(
         vision_config=tiny_vision_config(variant),
         qformer_config=tiny_qformer_config(),
-        text_config=dict(model_type="opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=64, word_embed_proj_dim=16),
+        text_config=TINY_OPT,
         num_query_tokens=8,
     ))
     jitter_(blip2, seed=1).save_pretrained(root / "blip2", max_shard_size="40KB" if shard else "50GB")
