@@ -11,7 +11,7 @@ from mllm_pib.errors import UserError
 from torch import nn
 
 from .modeling import MiniGPT4ForConditionalGeneration
-from .template import build_prompt_ids, encode_text, single_token_stops
+from .template import build_answer_ids, build_prompt_ids, stop_sequences
 
 FEATURES = ("vit", "qformer", "projected")
 DEFAULT_FEATURE = "vit"
@@ -44,8 +44,8 @@ class MiniGPT4Backbone(DecoderBackbone):
     - ``qformer``: Q-Former output ``[B, 32, 768]`` (``v1`` only).
     - ``projected``: ``llama_proj`` output, the LLM's visual tokens: ``[B, 32 or 64, H]``.
 
-    The answer ends with ``</s>``, which is scored (for ``v1`` MiniGPT-4's own stop ``###`` is
-    also a stop token where the tokenizer makes it a single token).
+    Answers end as MiniGPT-4 trained them, and that end is scored: ``###`` for ``v1`` (Vicuna),
+    ``</s>`` for ``llama2``. Generation stops at ``</s>`` and, for ``v1``, at any form of ``###``.
 
     Args:
         model: the plain :class:`MiniGPT4ForConditionalGeneration`.
@@ -115,12 +115,11 @@ class MiniGPT4Backbone(DecoderBackbone):
         )
 
     def answer_ids(self, answer: str) -> list[int]:
-        return encode_text(self.tokenizer, answer) + [self.tokenizer.eos_token_id]
+        return build_answer_ids(self.tokenizer, self.variant, answer)
 
     @property
-    def stop_token_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [eos] + [i for i in single_token_stops(self.tokenizer, self.variant) if i != eos]
+    def stop_sequences(self) -> list[list[int]]:
+        return stop_sequences(self.tokenizer, self.variant)
 
     # --- parts and persistence --------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:

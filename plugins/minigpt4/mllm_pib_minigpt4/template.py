@@ -1,14 +1,20 @@
-"""MiniGPT-4's prompt templates and how they are tokenized.
+"""MiniGPT-4's prompt templates, answer ends and how they are tokenized.
 
 MiniGPT-4 splits the prompt at ``<ImageHere>``, tokenizes the pieces separately (BOS only on the
 first one) and puts the visual tokens between them. Here the placeholder is expanded to one
 ``<ImageHere>`` id per visual token instead, whose embeddings the visual tokens then replace:
 the same decoder input.
+
+Its training target is ``answer + end_sym`` tokenized on its own without special tokens, with
+``end_sym`` from the stage-2 / eval configs: ``###`` (the conversation separator) for Vicuna,
+``</s>`` for Llama-2.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from mllm_pib.backbone import text_stop_sequences
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
@@ -17,8 +23,8 @@ TEMPLATES = {
     "llama2": "[INST] <Img><ImageHere></Img> {question} [/INST] ",
 }
 
-# MiniGPT-4 (Vicuna) ends its answers with "###", its conversation separator.
-V1_STOP = "###"
+# ``end_sym`` of the stage-2 and eval configs; ``None``: the tokenizer's end-of-sequence token.
+END_SYMBOLS = {"v1": "###", "llama2": None}
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -40,18 +46,20 @@ def build_prompt_ids(
     )
 
 
-def single_token_stops(tokenizer: Any, variant: str) -> list[int]:
-    """Ids of the ``v1`` stop ``###`` in the forms (bare, after a space) that are one token.
+def build_answer_ids(tokenizer: Any, variant: str, answer: str) -> list[int]:
+    """The ids MiniGPT-4 trains on: ``answer + end_sym`` tokenized together (``###`` glued to the
+    answer's last word is ``##`` ``#`` for LLaMA), or the answer and ``</s>`` (a special token,
+    tokenized apart from the text)."""
+    end = END_SYMBOLS[variant]
+    if end is None:
+        return encode_text(tokenizer, answer) + [tokenizer.eos_token_id]
+    return encode_text(tokenizer, answer + end)
 
-    ``stop_token_ids`` holds single ids, so a form the tokenizer splits (the LLaMA tokenizer
-    splits ``###`` glued to text into ``##`` + ``#``) cannot be listed; the scored end token
-    ``</s>`` ends generation in every case.
-    """
-    if variant != "v1":
-        return []
-    stops = []
-    for form in (V1_STOP, " " + V1_STOP):
-        ids = encode_text(tokenizer, form)
-        if len(ids) == 1 and ids[0] not in stops:
-            stops.append(ids[0])
+
+def stop_sequences(tokenizer: Any, variant: str) -> list[list[int]]:
+    """``</s>`` (the LLM's own end) and, for ``v1``, every form ``###`` takes in generated text."""
+    stops = [[tokenizer.eos_token_id]]
+    end = END_SYMBOLS[variant]
+    if end is not None:
+        stops += [form for form in text_stop_sequences(tokenizer, end) if form not in stops]
     return stops

@@ -7,11 +7,13 @@ import importlib.metadata
 import numpy as np
 import pytest
 import torch
+
+import minigpt4_reference as original
 from mllm_pib.errors import UserError
 from mllm_pib.plugins import get_backbone
-from mllm_pib.tokenizer import train_tokenizer
+from mllm_pib.tokenizer import train_llama_tokenizer
 from PIL import Image
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2VisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import Blip2Config, Blip2ForConditionalGeneration, LlamaConfig, LlamaForCausalLM
 
 from mllm_pib_minigpt4.backbone import load
 from mllm_pib_minigpt4.configuration import MiniGPT4Config
@@ -114,45 +116,6 @@ def test_placeholders_equal_minigpt4_segment_concatenation(backbones, variant):
 
 # --- vision features ----------------------------------------------------------------------------
 
-# BLIP-2 needs a language model; the tests never run it.
-TINY_OPT = dict(model_type="opt", hidden_size=16, ffn_dim=32, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=64, word_embed_proj_dim=16)
-
-
-def reference_features(model, pixels: torch.Tensor) -> dict[str, torch.Tensor | None]:
-    """MiniGPT-4's ``encode_img`` computed with transformers' BLIP-2 run directly on the model's
-    weights: ``ln_vision`` (LayerNorm, PyTorch's default epsilon 1e-5) of the EVA-ViT output; ``v1``:
-    ``Blip2ForConditionalGeneration.get_image_features`` with ``llama_proj`` as its
-    ``language_projection``; ``llama2``: CLS dropped, every 4 consecutive patch tokens concatenated
-    (``view(bs, pn // 4, hs * 4)``), then ``llama_proj``."""
-    config = model.config
-    ln = model.vision_model.post_layernorm
-    if config.variant == "llama2":
-        vision = Blip2VisionModel(config.vision_config).eval()
-        vision.load_state_dict(model.vision_model.state_dict())
-        before_norm = vision(pixels, output_hidden_states=True).hidden_states[-1]
-        vit = torch.nn.functional.layer_norm(before_norm, ln.normalized_shape, ln.weight, ln.bias, 1e-5)
-        patches = vit[:, 1:]
-        batch_size, count, width = patches.shape
-        merged = patches.reshape(batch_size, count // 4, width * 4)
-        projected = torch.nn.functional.linear(merged, model.llama_proj.weight, model.llama_proj.bias)
-        return {"vit": vit, "qformer": None, "projected": projected}
-    blip2 = Blip2ForConditionalGeneration(Blip2Config(
-        vision_config=config.vision_config.to_dict(), qformer_config=config.qformer_config.to_dict(),
-        text_config={**TINY_OPT, "hidden_size": model.config.text_config.hidden_size,
-                     "word_embed_proj_dim": model.config.text_config.hidden_size},
-        num_query_tokens=config.num_query_tokens,
-    )).eval()
-    weights = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "qformer.", "query"))}
-    weights.update({f"language_projection.{name}": t for name, t in model.llama_proj.state_dict().items()})
-    result = blip2.load_state_dict(weights, strict=False)
-    assert not result.unexpected_keys and all(k.startswith("language_model.") for k in result.missing_keys)
-    blip2.vision_model.post_layernorm.eps = 1e-5
-    out = blip2.get_image_features(pixels)
-    return {"vit": out.last_hidden_state, "qformer": out.qformer_outputs.last_hidden_state,
-            "projected": out.pooler_output}
-
-
 FEATURES = [("v1", "vit"), ("v1", "qformer"), ("v1", "projected"), ("llama2", "vit"), ("llama2", "projected")]
 
 
@@ -162,7 +125,7 @@ def test_features_equal_blip2_run_directly(tiny_dirs, variant, feature):
     inputs = backbone.preprocess(images(3), list(QUESTIONS[:1]) * 3)
     with torch.no_grad():
         vision = backbone.encode_vision(**inputs)
-        expected = reference_features(backbone.model, inputs["pixel_values"])
+        expected = original.image_embeddings(backbone.model, inputs["pixel_values"])
     config = backbone.model.config
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     tokens = config.num_query_tokens if variant == "v1" else patches // 4
@@ -196,36 +159,6 @@ def test_train_mode_changes_nothing(backbones):
         finally:
             backbone.eval()
     torch.testing.assert_close(again, reference, atol=0, rtol=0)
-
-
-# --- template -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("variant", "text"),
-    [("v1", "###Human: <Img>{}</Img> {} ###Assistant: "), ("llama2", "[INST] <Img>{}</Img> {} [/INST] ")],
-)
-def test_prompt_and_answer_tokens(backbones, variant, text):
-    backbone = backbones[variant]
-    tok = backbone.tokenizer
-    question = "Is there a <ImageHere> cat?"  # placeholder text typed by a user stays text
-    ids = backbone.prompt_ids(question)
-    assert ids[0] == tok.bos_token_id
-    assert ids.count(backbone.image_token_id) == backbone.num_image_tokens
-    placeholders = "<ImageHere>" * backbone.num_image_tokens
-    assert tok.decode(ids[1:]) == text.format(placeholders, question)
-    answer = backbone.answer_ids(ANSWERS[0])
-    assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == ANSWERS[0]
-    assert tok.eos_token_id not in answer[:-1]
-
-
-def test_stop_tokens(backbones):
-    v1, llama2 = backbones["v1"], backbones["llama2"]
-    tok = v1.tokenizer
-    spaced = tok(" ###", add_special_tokens=False)["input_ids"]
-    assert len(spaced) == 1, "the tiny tokenizer has ' ###' as one token"
-    assert v1.stop_token_ids == [tok.eos_token_id, spaced[0]]
-    assert llama2.stop_token_ids == [llama2.tokenizer.eos_token_id]
 
 
 def test_parts(backbones):
@@ -284,11 +217,11 @@ def write_pieces(root, variant: str, *, ln_vision: bool = False, shard: bool = F
     blip2 = Blip2ForConditionalGeneration(Blip2Config(
         vision_config=tiny_vision_config(variant),
         qformer_config=tiny_qformer_config(),
-        text_config=TINY_OPT,
+        text_config=original.TINY_OPT,
         num_query_tokens=8,
     ))
     jitter_(blip2, seed=1).save_pretrained(root / "blip2", max_shard_size="40KB" if shard else "50GB")
-    tokenizer = train_tokenizer()  # like Vicuna's: no <ImageHere>
+    tokenizer = train_llama_tokenizer(pad_token=None)  # like Vicuna's: no <ImageHere>, no pad
     llama = jitter_(LlamaForCausalLM(LlamaConfig(**tiny_text_config(tokenizer))), seed=2)
     llama.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
