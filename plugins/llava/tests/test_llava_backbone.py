@@ -2,6 +2,7 @@
 equalities with the plain transformers model, original-layout checkpoints, LLaVA-1.5
 preprocessing, the tiny-model command."""
 
+import copy
 import json
 
 import pytest
@@ -204,9 +205,12 @@ def write_original_layout(root, weights_format, legacy=False):
         save_file({k: v.contiguous() for k, v in state.items()}, model_dir / "model.safetensors")
     else:
         torch.save(state, model_dir / "pytorch_model.bin")
+    # the fields of liuhaotian/llava-v1.5-7b's config.json (which has no mm_patch_merge_type)
     config = {**llama_config.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
               "mm_vision_tower": str(tower_dir), "mm_hidden_size": 32, "mm_projector_type": "mlp2x_gelu",
-              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+              "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "freeze_mm_mlp_adapter": False,
+              "tune_mm_mlp_adapter": False, "use_mm_proj": True, "tokenizer_padding_side": "right"}
     (model_dir / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(model_dir)
     return model_dir, tower_dir, state, clip, tokenizer
@@ -278,3 +282,65 @@ def test_original_layout_errors(tmp_path):
     save_file(weights, model_dir / "model.safetensors")
     with pytest.raises(UserError, match="multi_modal_projector.linear_2.bias"):
         get_backbone("llava").load(str(model_dir))
+
+
+# LLaVA-1.6 (llava-v1.6-vicuna-7b) settings that LLaVA-1.5 does not have
+LLAVA_16 = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "unfreeze_mm_vision_tower": True,
+            "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
+
+
+@pytest.mark.parametrize("change,message", [
+    (LLAVA_16, r"image_aspect_ratio 'anyres' is LLaVA-1.6 \(LLaVA-NeXT\); the llava backbone runs LLaVA-1.5 only"),
+    ({"mm_patch_merge_type": "spatial_unpad"}, r"mm_patch_merge_type 'spatial_unpad' is LLaVA-1.6"),
+    ({"mm_use_im_start_end": True}, r"mm_use_im_start_end True is not LLaVA-1.5's False"),
+    ({"mm_use_im_patch_token": None}, r"mm_use_im_patch_token True \(absent: the original's default\)"),
+    ({"image_aspect_ratio": None}, r"image_aspect_ratio 'square' \(absent: the original's default\) is not LLaVA-1.5's 'pad'"),
+    ({"image_aspect_ratio": "square"}, r"image_aspect_ratio 'square' is not LLaVA-1.5's 'pad'"),
+], ids=["llava-1.6", "spatial-unpad", "im-start-end", "no-im-patch-setting", "no-aspect-setting", "square"])
+def test_refuses_what_is_not_llava_15(tmp_path, change, message):
+    from mllm_pib.errors import UserError
+
+    model_dir, *_ = write_original_layout(tmp_path, "safetensors")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"config.json: {message}"):
+        get_backbone("llava").load(str(model_dir))
+
+
+def test_refuses_llava_16_image_newline_weight(tmp_path):
+    from safetensors.torch import load_file
+    from mllm_pib.errors import UserError
+
+    model_dir, *_ = write_original_layout(tmp_path, "safetensors")
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({**weights, "model.image_newline": torch.zeros(64)}, model_dir / "model.safetensors")
+    with pytest.raises(UserError, match=r"weight 'model.image_newline' is LLaVA-1.6 \(LLaVA-NeXT\)'s"):
+        get_backbone("llava").load(str(model_dir))
+
+
+def test_finetuned_vision_tower_in_the_checkpoint_is_used(tmp_path):
+    """A checkpoint that holds its tower (``model.vision_tower.vision_tower.vision_model.*``, as
+    the original saves a fine-tuned one, with the ``position_ids`` buffer of its day) runs with
+    those weights, not the separate CLIP checkpoint's."""
+    from safetensors.torch import load_file
+
+    model_dir, _, state, clip, tokenizer = write_original_layout(tmp_path, "safetensors")
+    tuned = copy.deepcopy(clip)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    prefix = "model.vision_tower.vision_tower.vision_model."  # CLIPVisionModel's names in transformers 4
+    tower = {prefix + k: v for k, v in tuned.state_dict().items()}
+    tower[prefix + "embeddings.position_ids"] = torch.arange(37)[None]
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({**weights, **tower}, model_dir / "model.safetensors")
+    write_hf_layout(tmp_path / "hf", state, tuned, tokenizer)
+    loaded = PIBModel(get_backbone("llava").load(str(model_dir)))
+    native = PIBModel(get_backbone("llava").load(str(tmp_path / "hf")))
+    ids, mask, inputs = hf_inputs(loaded.backbone, picture=image((50, 40)))
+    assert torch.equal(loaded(ids, mask, inputs), native(ids, mask, inputs))
+    patch = "embeddings.patch_embedding.weight"
+    ours = loaded.backbone.model.model.vision_tower.state_dict()[patch]
+    assert torch.equal(ours, tuned.state_dict()[patch]) and not torch.equal(ours, clip.state_dict()[patch])
