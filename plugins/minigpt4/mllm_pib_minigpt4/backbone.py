@@ -11,7 +11,7 @@ from mllm_pib.errors import UserError
 from torch import nn
 
 from .modeling import MiniGPT4ForConditionalGeneration
-from .template import build_answer_ids, build_prompt_ids, stop_sequences
+from .template import IMAGE_PLACEHOLDER, stop_sequences, template
 
 FEATURES = ("vit", "qformer", "projected")
 DEFAULT_FEATURE = "vit"
@@ -80,6 +80,8 @@ class MiniGPT4Backbone(DecoderBackbone):
         self.model_id = model_id
         self.variant = config.variant
         self.image_token_id = config.image_token_id
+        self.image_token = IMAGE_PLACEHOLDER
+        self.template = template(config.variant, tokenizer)
         self.num_image_tokens = config.num_image_tokens
         self.hidden_size = config.text_config.hidden_size
         self.pib_vision_size = {
@@ -109,14 +111,6 @@ class MiniGPT4Backbone(DecoderBackbone):
         return VisionFeatures(pib=getattr(features, self.feature), llm=features.projected)
 
     # --- template ---------------------------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        return build_prompt_ids(
-            self.tokenizer, self.variant, question, self.image_token_id, self.num_image_tokens
-        )
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return build_answer_ids(self.tokenizer, self.variant, answer)
-
     @property
     def stop_sequences(self) -> list[list[int]]:
         return stop_sequences(self.tokenizer, self.variant)

@@ -1,9 +1,9 @@
-"""MiniGPT-4's prompt templates, answer ends and how they are tokenized.
+"""MiniGPT-4's prompt templates and answer ends.
 
 MiniGPT-4 splits the prompt at ``<ImageHere>``, tokenizes the pieces separately (BOS only on the
-first one) and puts the visual tokens between them. Here the placeholder is expanded to one
-``<ImageHere>`` id per visual token instead, whose embeddings the visual tokens then replace:
-the same decoder input.
+first one) and puts the visual tokens between them; the core's
+:func:`~mllm_pib.backbone.tokenize_around_image` does the same, with the placeholder expanded to
+one ``<ImageHere>`` id per visual token, whose embeddings the visual tokens then replace.
 
 Its training target is ``answer + end_sym`` tokenized on its own without special tokens, with
 ``end_sym`` from the stage-2 / eval configs: ``###`` (the conversation separator) for Vicuna,
@@ -14,46 +14,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from mllm_pib.backbone import text_stop_sequences
+from mllm_pib.backbone import PromptTemplate, text_stop_sequences
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
-TEMPLATES = {
-    "v1": "###Human: <Img><ImageHere></Img> {question} ###Assistant: ",
-    "llama2": "[INST] <Img><ImageHere></Img> {question} [/INST] ",
+# ``prompt_template`` of the configs, holding the instruction "<Img><ImageHere></Img> {question}".
+PROMPTS = {
+    "v1": "###Human: <Img>{image}</Img> {question} ###Assistant: ",
+    "llama2": "[INST] <Img>{image}</Img> {question} [/INST] ",
 }
-
 # ``end_sym`` of the stage-2 and eval configs; ``None``: the tokenizer's end-of-sequence token.
 END_SYMBOLS = {"v1": "###", "llama2": None}
 
 
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of plain text: no BOS, and special-token strings typed by users stay text."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
-def build_prompt_ids(
-    tokenizer: Any, variant: str, question: str, image_token_id: int, num_image_tokens: int
-) -> list[int]:
-    """``[BOS] + before + <ImageHere> * num_image_tokens + after`` for ``variant``'s template."""
-    before, after = TEMPLATES[variant].split(IMAGE_PLACEHOLDER)
-    after = after.replace("{question}", question)
-    return (
-        [tokenizer.bos_token_id]
-        + encode_text(tokenizer, before)
-        + [image_token_id] * num_image_tokens
-        + encode_text(tokenizer, after)
-    )
-
-
-def build_answer_ids(tokenizer: Any, variant: str, answer: str) -> list[int]:
-    """The ids MiniGPT-4 trains on: ``answer + end_sym`` tokenized together (``###`` glued to the
-    answer's last word is ``##`` ``#`` for LLaMA), or the answer and ``</s>`` (a special token,
-    tokenized apart from the text)."""
-    end = END_SYMBOLS[variant]
-    if end is None:
-        return encode_text(tokenizer, answer) + [tokenizer.eos_token_id]
-    return encode_text(tokenizer, answer + end)
+def template(variant: str, tokenizer: Any) -> PromptTemplate:
+    """``variant``'s prompt, and its answer ``answer + end_sym`` tokenized on its own."""
+    end = END_SYMBOLS[variant] or tokenizer.eos_token
+    return PromptTemplate(prompt=PROMPTS[variant], answer="{answer}" + end, answer_alone=True)
 
 
 def stop_sequences(tokenizer: Any, variant: str) -> list[list[int]]:

@@ -68,12 +68,10 @@ def test_answer_ids_are_the_training_target(backbones, variant, legacy):
         assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_placeholder_typed_in_a_question_stays_text(backbones):
-    """The original would split the prompt there (and fail its image-count assert); here the
-    typed text is tokenized as text."""
-    backbone = backbones["v1", False]
-    ids = backbone.prompt_ids("Is there a <ImageHere> cat?")
-    assert ids.count(backbone.image_token_id) == backbone.num_image_tokens
+def test_placeholder_typed_in_a_question_is_refused(backbones):
+    """The original splits the prompt there too, and stops at its image-count assert."""
+    with pytest.raises(ValueError, match="exactly one image placeholder"):
+        backbones["v1", False].prompt_ids("Is there a <ImageHere> cat?")
 
 
 def test_stop_sequences(backbones):
