@@ -48,9 +48,10 @@ class InstructBlipBackbone(DecoderBackbone):
         self.image_token_id = config.image_token_id
         self.image_token = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
         self.num_image_tokens = config.num_query_tokens
-        # LAVIS tokenises the answer on its own (BOS dropped) and appends EOS; in context that is
-        # the answer after a space, ending with EOS.
-        self.template = PromptTemplate(prompt="{question}", answer=" {answer}" + self.tokenizer.eos_token)
+        # LAVIS tokenises ``answer + eos`` on its own and drops the BOS it gets.
+        self.template = PromptTemplate(
+            prompt="{question}", answer="{answer}" + self.tokenizer.eos_token, answer_alone=True
+        )
         self.hidden_size = config.text_config.hidden_size
         self.pib_vision_size = (
             config.vision_config.hidden_size if feature == "vit" else config.qformer_config.hidden_size

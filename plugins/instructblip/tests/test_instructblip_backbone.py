@@ -19,7 +19,8 @@ from transformers import InstructBlipForConditionalGeneration, InstructBlipProce
 from mllm_pib.checkpoint import load_model
 from mllm_pib.errors import UserError
 from mllm_pib_instructblip.backbone import InstructBlipBackbone, load
-from mllm_pib_instructblip.tiny import write_tiny
+from mllm_pib.tokenizer import DEFAULT_CORPUS
+from mllm_pib_instructblip.tiny import tiny_config, tiny_processor, write_tiny
 
 QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
 ANSWERS = ["Yes, there is.", "A red circle."]
@@ -221,9 +222,36 @@ def test_processor_round_trip(backbone, processor, images):
         ours = backbone.preprocess([image], [question])
         for key in ("pixel_values", "qformer_input_ids", "qformer_attention_mask"):
             torch.testing.assert_close(ours[key], inputs[key], atol=0, rtol=0)
-    answer = backbone.answer_ids("Yes")
-    assert answer[-1] == backbone.tokenizer.eos_token_id
-    assert backbone.tokenizer.decode(answer) == " Yes" + backbone.tokenizer.eos_token
+
+
+PROMPTS = QUESTIONS + [
+    "What is in the picture?\nAnswer the question using a single word or phrase.",
+    "  Is there a   dog next to the bench? ",
+]
+TARGETS = ANSWERS + ["No", "There is a dog.\n", " two people sitting"]
+
+
+def lavis_ids(tokenizer, question: str, answer: str, num_queries: int, image_token_id: int):
+    """``blip2_vicuna_instruct.forward``'s LLM input: the query embeddings (placeholders here),
+    ``llm_tokenizer(text_input)`` (its BOS is ``</s>``), then ``llm_tokenizer(text_output + eos)``
+    without its first token (``output_ids[i][1:]``), which is the part scored."""
+    prompt = tokenizer(question).input_ids
+    target = tokenizer(answer + tokenizer.eos_token).input_ids[1:]
+    return [image_token_id] * num_queries + prompt, target
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_prompt_and_answer_ids_are_lavis(legacy):
+    processor = tiny_processor([DEFAULT_CORPUS], image_size=32, num_query_tokens=6, legacy=legacy)
+    bb = InstructBlipBackbone(InstructBlipForConditionalGeneration(tiny_config(processor)), processor)
+    tokenizer = bb.tokenizer
+    assert tokenizer.bos_token_id == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("</s>")
+    for question, answer in zip(PROMPTS, TARGETS):
+        prompt, target = lavis_ids(tokenizer, question, answer, bb.num_image_tokens, bb.image_token_id)
+        assert bb.prompt_ids(question) == prompt, question
+        assert bb.answer_ids(answer) == target, answer
+        assert prompt[bb.num_image_tokens] == tokenizer.eos_token_id and target[-1] == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(bb.answer_ids("Yes"))[0] == "▁Yes"
 
 
 def test_named_image_token_string_is_accepted(tiny_dir, images, tmp_path):
@@ -344,7 +372,8 @@ def test_llm_with_smaller_vocabulary_gets_mean_rows(backbone, native_lavis_eps, 
     for module in (lavis.model.language_model.model.embed_tokens, lavis.model.language_model.lm_head):
         torch.testing.assert_close(module.weight[-1], module.weight[:-1].mean(0))
     ids, mask, vision_inputs = _batch(backbone, images)
-    assert not (ids == len(backbone.tokenizer) - 1).any()
+    # the missing row is the image token's, whose input embedding the visual tokens replace
+    assert len(backbone.tokenizer) - 1 == backbone.image_token_id
     torch.testing.assert_close(
         contract_logits(lavis, ids, mask, vision_inputs)[..., :-1],
         contract_logits(native_lavis_eps, ids, mask, vision_inputs)[..., :-1], atol=0, rtol=0,
