@@ -79,7 +79,7 @@ def tiny_processor(corpus: Iterable[str], image_size: int, num_query_tokens: int
 
 def tiny_config(processor, *, image_size: int = 32, patch_size: int = 8, num_query_tokens: int = 6,
                 vision_hidden: int = 32, qformer_hidden: int = 32, hidden: int = 64, layers: int = 2, heads: int = 4):
-    """InstructBLIP's structure at toy size: a Q-Former with cross-attention in every layer."""
+    """InstructBLIP's structure at toy size: a Q-Former with cross-attention every 2nd layer, as the real one."""
     from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
 
     tokenizer = processor.tokenizer
@@ -89,7 +89,7 @@ def tiny_config(processor, *, image_size: int = 32, patch_size: int = 8, num_que
     )
     qformer = InstructBlipQFormerConfig(
         vocab_size=len(processor.qformer_tokenizer), hidden_size=qformer_hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=2 * qformer_hidden, cross_attention_frequency=1,
+        num_attention_heads=heads, intermediate_size=2 * qformer_hidden, cross_attention_frequency=2,
         max_position_embeddings=128, pad_token_id=processor.qformer_tokenizer.pad_token_id,
     )
     text = LlamaConfig(
