@@ -116,17 +116,13 @@ def check_compatible(meta: dict, backbone, path) -> None:
 
 def load_checkpoint(path: str | os.PathLike, backbone):
     """Build a :class:`~mllm_pib.model.PIBModel` from ``backbone`` and a checkpoint."""
-    from mllm_pib.freezing import add_lora
     from mllm_pib.model import PIBModel
 
     config, state, meta = read_checkpoint(path)
     check_compatible(meta, backbone, path)
     model = PIBModel(backbone, PostInteractionBlock(config))
-    policy = FreezePolicy.model_validate(meta.get("freeze_policy", {}))
-    if policy.uses_lora:
-        add_lora(model.parts()["llm"], policy.lora)
-    if policy.trains_lm_head:
-        model.keep_reference_head()
+    # the training's parts and adapters; the reference keeps the base weights they replace
+    FreezePolicy.model_validate(meta.get("freeze_policy", {})).apply(model)
     load_parts(model, state, path)
     model.requires_grad_(False)
     return model.eval()

@@ -116,12 +116,16 @@ def test_score_answers_equals_full_logits(model):
     hidden = model.backbone_hidden(ids, mask, vision)
     from mllm_pib.objectives import sequence_logps
 
-    for policy in (True, False):
-        logits = model(ids, mask, inputs, bypass_pib=not policy)
-        expected = sequence_logps(logits, labels)
-        scores = model.score_answers(hidden, vision, labels, mask, policy=policy)
-        assert torch.allclose(scores.logps, expected, atol=1e-4)
-        assert int(scores.counts) == len(answer)
+    expected = sequence_logps(model(ids, mask, inputs), labels)
+    scores = model.score_answers(hidden, vision, labels, mask)
+    assert torch.allclose(scores.logps, expected, atol=1e-4)
+    assert int(scores.counts) == len(answer)
+    # the reference of a one-pair batch (the answer as chosen and rejected): the base model's
+    batch = {"vision_inputs": inputs, "prompt_ids": torch.tensor([prompt]), "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long),
+             "answer_ids": torch.tensor([answer, answer]), "answer_mask": torch.ones(2, len(answer), dtype=torch.long), "pair_ids": ["p"]}
+    base = sequence_logps(model(ids, mask, inputs, bypass_pib=True), labels)
+    assert torch.allclose(model.reference_logps(batch).logps, base.repeat(2), atol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-3)
 
 
 # ------------------------------------------------------------------ multi-token stop sequences

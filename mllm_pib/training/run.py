@@ -92,7 +92,7 @@ def train(config: TrainConfig, output_dir: str | None = None, resume: bool = Fal
     logger.info(f"data: {len(dataset)} preference pairs; {budget.summary()}")
     trainer = PIBTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        step=PreferenceStep(model, policy, config.loss), policy=policy,
+        step=PreferenceStep(model, config.loss), policy=policy,
     )
     trainer.train(resume_from_checkpoint=resume or None)
     out = Path(args.output_dir)
