@@ -166,17 +166,20 @@ def test_identity_pib_generation_equals_transformers_generate(tiny, num_beams):
         assert ours[0].tolist() == theirs[0, : ours.shape[1]].tolist()
 
 
-def test_pad_to_square_with_mean_colour(tiny):
+def test_preprocessing_equals_the_original_process_images(tiny, original):
+    """LLaVA-1.5's ``process_images`` with ``image_aspect_ratio='pad'`` (pad to a square with the
+    mean colour, then CLIP's processor), on wide, tall and square pictures with detail."""
+    import types
+
     backbone = get_backbone("llava").load(tiny)
-    wide = image((40, 20), (0, 0, 255))
-    mean = tuple(int(255 * m) for m in backbone.image_processor.image_mean)
-    square = Image.new("RGB", (40, 40), mean)
-    square.paste(wide, (0, 10))
-    got = backbone.preprocess([wide], [QUESTION])["pixel_values"]
-    expected = backbone.image_processor([square], return_tensors="pt").pixel_values
+    generator = torch.Generator().manual_seed(0)
+    pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+                for h, w in ((20, 40), (64, 30), (48, 48))]
+    expected = original.mm_utils.process_images(pictures, backbone.image_processor, types.SimpleNamespace(image_aspect_ratio="pad"))
+    got = backbone.preprocess(pictures, [QUESTION] * 3)["pixel_values"]
     assert torch.equal(got, expected)
-    stretched = backbone.image_processor([wide], return_tensors="pt").pixel_values
-    assert not torch.equal(got, stretched)
+    stretched = backbone.image_processor(pictures[:1], return_tensors="pt").pixel_values
+    assert not torch.equal(got[:1], stretched)
 
 
 # ------------------------------------------------------------------ original (liuhaotian) layout
