@@ -1,7 +1,8 @@
 """The LAVIS key mapping against the full-size ``blip2_vicuna_instruct`` (Vicuna-7B).
 
 The LAVIS state-dict names and shapes are generated here from LAVIS's module definitions (read
-from its source; LAVIS itself needs transformers 4.2x and cannot be instantiated):
+from salesforce/LAVIS on GitHub: the 1.0.2 wheel on PyPI predates ``blip2_vicuna_instruct.py``;
+LAVIS itself needs transformers 4.2x and cannot be instantiated):
 
 - ``visual_encoder``: ``lavis/models/eva_vit.py`` ``create_eva_vit_g``: ``VisionTransformer`` with
   patch 14 at 224 px, width 1408, 39 blocks, 16 heads, ``mlp_ratio=4.3637``, ``qkv_bias=True``
