@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaTokenizer
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -55,13 +55,20 @@ def train_llama_tokenizer(
     checkpoints and their fine-tunes); older Vicuna configs carry no ``legacy`` key, which
     transformers 5 reads as ``False`` too.
     """
-    texts = [text.replace("\n", " ") for text in corpus]  # newline stays a byte token
+    # Lines are trained apart, so that newline stays a byte token (LLaMA has no newline piece)
+    # and a word after it is learned without "▁"; the first line gets the dummy prefix "▁".
+    texts = [piece for text in corpus for piece in _lines(text)]
     reserved = 3 + len(BYTE_TOKENS)
     if vocab_size <= reserved:
         raise ValueError(f"vocab_size must exceed the {reserved} special and byte tokens, got {vocab_size}")
     trainer_model = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
-    # SentencePiece splits on whitespace while training: no piece holds a space inside
-    trainer_model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    # LLaMA's SentencePiece training splits on whitespace (a piece may start with "▁"), at
+    # script changes (letters | symbols such as "###") and between digits: no learned piece
+    # crosses those, so none does at run time either
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Split(Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁]+|▁"), behavior="isolated"),
+    ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False)
     trainer_model.train_from_iterator(texts, trainer=trainer)
     trained = json.loads(trainer_model.to_str())["model"]
@@ -77,3 +84,8 @@ def train_llama_tokenizer(
     if pad_token is not None:
         tokenizer.add_special_tokens({"pad_token": pad_token})
     return tokenizer
+
+
+def _lines(text: str) -> list[str]:
+    first, *rest = text.split("\n")
+    return [" " + first, *rest]

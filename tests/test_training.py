@@ -27,7 +27,7 @@ def write_config(tmp_path, backbone, model_dir, data_dir, **changes):
         "loss": {"beta": 0.5},
         "max_length": 512,
         "training": {
-            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 8,
+            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 16,
             "learning_rate": 2e-2, "logging_steps": 1, "save_steps": 4, "seed": 0, "use_cpu": True,
             "lr_scheduler_type": "constant",
         },
