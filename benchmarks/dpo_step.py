@@ -169,8 +169,8 @@ def preference_scheme(setup: dict, batches) -> P.Step:
     from mllm_pib.training.preference import PreferenceStep
 
     backbone, config = load_backbone(setup)  # training from a cache loads it too: the head is used
-    model, policy, optimizer = stage1_model(backbone, config)
-    preference_step = PreferenceStep(model, policy, LossConfig(beta=BETA))
+    model, _, optimizer = stage1_model(backbone, config)
+    preference_step = PreferenceStep(model, LossConfig(beta=BETA))
 
     def step() -> None:
         loss, _ = preference_step(C.to_device(next(batches), setup["device"]))

@@ -99,7 +99,7 @@ def check_training_step(work: Path, device: str) -> dict:
     policy = FreezePolicy.preset("stage1")
     policy.apply(model)
     model.train()
-    step = PreferenceStep(model, policy, LossConfig(beta=0.5))
+    step = PreferenceStep(model, LossConfig(beta=0.5))
     optimizer = torch.optim.AdamW(model.pib.parameters(), lr=1e-2)
     loss, _ = step(batch)
     loss.backward()

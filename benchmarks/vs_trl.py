@@ -186,7 +186,7 @@ def pib_trainer(name: str, backbone, setup: dict, steps: int, callbacks: list):
     policy = config.freeze_policy()
     policy.apply(model)
     return PIBTrainer(model=model, args=config.training_arguments(), train_dataset=P.pair_dataset(backbone, setup["pairs"]),
-                      data_collator=PreferenceCollator(backbone), step=PreferenceStep(model, policy, config.loss),
+                      data_collator=PreferenceCollator(backbone), step=PreferenceStep(model, config.loss),
                       policy=policy, callbacks=callbacks)
 
 

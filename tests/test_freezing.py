@@ -49,7 +49,7 @@ def test_stage2_unties_a_shared_head_and_keeps_the_reference():
     embeddings = model.backbone.llm.embed_tokens.weight.clone()
     FreezePolicy.preset("stage2").apply(model)
     assert model.backbone.head.weight is not model.backbone.llm.embed_tokens.weight
-    step = PreferenceStep(model, FreezePolicy.preset("stage2"), LossConfig(beta=0.5))
+    step = PreferenceStep(model, LossConfig(beta=0.5))
     optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     batch = toy_batch(model.backbone)
     for _ in range(3):
@@ -66,16 +66,27 @@ def test_projector_policy_reference_uses_initial_projector():
     model = toy_model()
     policy = FreezePolicy.preset("projector")
     policy.apply(model)
-    step = PreferenceStep(model, policy, LossConfig(beta=0.5))
+    step = PreferenceStep(model, LossConfig(beta=0.5))
     batch = toy_batch(model.backbone)
     loss, _ = step(batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    before = model.reference_logps(batch).logps
     with torch.no_grad():
         model.backbone.projector.weight.add_(0.3)  # as if trained
     loss, metrics = step(batch)
     # the reference still sees the initial projector, so policy and reference now differ
     assert abs(metrics["rewards/margins"].item()) > 1e-4
-    assert not torch.equal(model.backbone.projector.weight, step.reference_weights["projector.weight"])
+    assert torch.equal(model.reference_logps(batch).logps, before)
+
+
+def test_reference_without_a_copy_of_trained_weights_is_refused():
+    model = toy_model()
+    FreezePolicy.preset("stage1").apply(model)
+    model.backbone.projector.requires_grad_(True)  # trains, but no copy of its initial weights
+    with pytest.raises(RuntimeError, match=r"projector.weight.*keep_reference\(\)"):
+        model.reference_logps(toy_batch(model.backbone))
+    model.keep_reference()
+    assert model.reference_logps(toy_batch(model.backbone)).logps.shape == (4,)
 
 
 def test_policy_flags():
@@ -111,7 +122,7 @@ def test_lora_reference_reuses_the_images_and_disables_the_adapters(tiny_model_d
     encode = model.backbone.encode_vision
     model.backbone.encode_vision = lambda **inputs: encodings.append(1) or encode(**inputs)
     beta = 0.5
-    _, metrics = PreferenceStep(model, policy, LossConfig(beta=beta))(batch)
+    _, metrics = PreferenceStep(model, LossConfig(beta=beta))(batch)
     assert len(encodings) == 1
     reference_chosen = metrics["logps/chosen"] - metrics["rewards/chosen"] / beta
 

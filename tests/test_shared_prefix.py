@@ -47,9 +47,9 @@ def test_shared_prefix_equals_full_forwards(backbone_name, interaction, tiny_mod
             s_pos = (shared.labels[row, 1:] != -100).nonzero().squeeze(1)
             f_pos = (full.labels[row, 1:] != -100).nonzero().squeeze(1)
             assert torch.allclose(shared.hidden[row, s_pos], full.hidden[row, f_pos], atol=1e-4)
-        for policy in (True, False):
-            a = model.score_answers(shared.hidden, shared.vision(vision), shared.labels, shared.text_mask, policy)
-            b = model.score_answers(full.hidden, full.vision(vision), full.labels, full.text_mask, policy)
+        policy = [model.score_answers(r.hidden, r.vision(vision), r.labels, r.text_mask) for r in (shared, full)]
+        reference = [model.reference_logps(batch, shared_prefix=flag) for flag in (True, False)]
+        for a, b in (policy, reference):
             assert torch.equal(a.counts, b.counts)
             assert torch.allclose(a.logps, b.logps, atol=1e-4)
     if interaction == "cross_attention":
@@ -76,7 +76,7 @@ def test_pair_rows_share_their_image_projection(tiny_model_dir, world_data):
     batch = pair_batch(backbone, world_data)
     seen = []
     model.pib.align.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
-    loss, _ = PreferenceStep(model, policy, LossConfig())(batch)
+    loss, _ = PreferenceStep(model, LossConfig())(batch)
     assert seen == [len(batch["pair_ids"])]  # one image per pair, not one per answer row
 
     with torch.no_grad():

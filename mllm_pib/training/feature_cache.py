@@ -110,7 +110,7 @@ def to_device(value, device):
 def _pair_tensors(model, batch, dtype):
     vision = model.backbone.encode_vision(**batch["vision_inputs"])
     rows = model.pair_hidden(batch, vision)
-    ref = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=False)
+    ref = model.reference_logps(batch, computed=(vision, rows))
     n_pairs = len(batch["pair_ids"])
     for i, pair_id in enumerate(batch["pair_ids"]):
         both = torch.tensor([i, n_pairs + i])
