@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -172,6 +172,17 @@ def run_worker(script: str, args: Sequence[str]) -> dict:
 def emit(result: dict, as_json: bool, lines: Sequence[str]) -> None:
     """Print the result as one JSON object (``--json``) or as readable lines."""
     print(json.dumps(result) if as_json else "\n".join(lines), flush=True)
+
+
+def run_or_work(args, worker: Callable[[str, Path], dict], run: Callable[..., dict],
+                report_lines: Callable[[dict], Sequence[str]]) -> None:
+    """A script's body after its arguments: in a worker process (``--worker NAME --workdir DIR``)
+    print the worker's JSON result; otherwise run the whole comparison and report it."""
+    if args.worker:
+        print(json.dumps(worker(args.worker, Path(args.workdir))), flush=True)
+        return
+    result = run(args)
+    emit(result, args.json, report_lines(result))
 
 
 def add_device_arguments(parser, sizes: Sequence[str]) -> None:

@@ -30,13 +30,13 @@ import argparse
 import importlib
 import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 import _common as C
+import _pairs as P
+from _pairs import BenchSize
 
 SCHEMES = ("baseline", "ours", "cached")
 LEARNING_RATE = 1e-5
@@ -44,124 +44,41 @@ BETA = 0.1
 MEMORY_STEPS = 3  # steps after the warm-up in each memory process: the peak settles after a few
 
 
-class BenchSize(BaseModel):
-    """A model size plus the data and the number of steps measured with it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: C.LlavaSize
-    answer_words: int = Field(gt=0, description="approximate tokens per answer")
-    pairs_per_batch: int = Field(gt=0)
-    warmup: int = Field(ge=0, description="untimed rounds first")
-    steps: int = Field(gt=0, description="timed rounds (one step of each scheme per round)")
-
-    @property
-    def pib(self) -> dict:
-        """The research block's proportions: align MLP and block MLP as wide as the LLM's MLP."""
-        m = self.model
-        return {"num_heads": m.heads, "intermediate_size": m.intermediate, "align_intermediate_size": m.intermediate}
-
-
-# LLaVA-1.5-7B: 576 image tokens, ~40 template tokens, HA-DPO descriptions of ~100 tokens; CLIP
-# ViT-L/14-336 (1024 wide, 24 layers), LLaMA 4096 wide with 11008 MLP and 32 layers, 32000 words.
+# LLaVA-1.5-7B prompts hold 576 image tokens and ~40 template tokens, HA-DPO descriptions ~100 tokens
 SIZES = {
     # a quarter of the image tokens and of the answer length; 3/16 of the width and half the
     # depth, so that the block stays a small part of the model (7% of the decoder; 3% in LLaVA)
     "small": BenchSize(
-        model=C.LlavaSize(image_size=96, patch_size=8, vision_hidden=192, vision_intermediate=768, vision_layers=4,
-                          vision_heads=3, hidden=768, intermediate=2064, layers=16, heads=12, vocab_size=2048),
+        model=C.LlavaSize(**P.SMALL_VISION, hidden=768, intermediate=2064, layers=16, heads=12),
         answer_words=25, pairs_per_batch=1, warmup=1, steps=5,
     ),
     # LLaVA-1.5-7B's widths, image tokens and answer length, half its depth (vision and LLM)
-    "realistic": BenchSize(
-        model=C.LlavaSize(image_size=336, patch_size=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=12,
-                          vision_heads=16, hidden=4096, intermediate=11008, layers=16, heads=32, vocab_size=32000),
-        answer_words=100, pairs_per_batch=2, warmup=2, steps=10,
-    ),
+    "realistic": BenchSize(model=P.LLAVA_7B_HALF_DEPTH, answer_words=100, pairs_per_batch=2, warmup=2, steps=10),
 }
 
 
 # ---------------------------------------------------------------------------------------- data
 
 
-def place(box: tuple[int, int, int, int], image_size: int) -> str:
-    """Where a box lies in the image, in words ("at the top left")."""
-    thirds = lambda centre, names: names[min(int(3 * centre / image_size), 2)]  # noqa: E731
-    vertical = thirds((box[1] + box[3]) / 2, ("top", "middle", "bottom"))
-    horizontal = thirds((box[0] + box[2]) / 2, ("left", "centre", "right"))
-    return f"at the {vertical} {horizontal}"
-
-
-def description(objects: list[tuple[str, str]], words: int) -> str:
-    """A detailed description of ``(object, place)`` pairs, about ``words`` tokens long: the
-    list of objects, then one sentence per object, repeated until the length is reached."""
-    from mllm_pib.demo import world as W
-
-    sentences = [W.describe([name for name, _ in objects])] + [f"The {name} is {where}." for name, where in objects]
-    text, i = [], 0
-    while len(W.split_words(" ".join(text))) < words:
-        text.append(sentences[i % len(sentences)])
-        i += 1
-    return " ".join(text)
-
-
-def preference_records(scenes, words: int) -> list[dict]:
-    """Generic preference records: the faithful description against one naming an absent object."""
-    from mllm_pib.demo import world as W
-
-    records = []
-    for scene in scenes:
-        objects = [(obj.word, place(obj.bbox, scene.image_size)) for obj in scene.objects]
-        ghost = (scene.lures or scene.absent)[0]
-        hallucinated = objects[:1] + [(ghost, objects[0][1])] + objects[1:]
-        records.append({"image": scene.filename, "prompt": W.DESCRIBE_PROMPT,
-                        "chosen": description(objects, words), "rejected": description(hallucinated, words)})
-    return records
-
-
 def prepare(work: Path, size: BenchSize, device: str, dtype: str) -> dict:
     """Write the model, the preference data and the feature cache; returns the run's setup."""
     from mllm_pib.config import TrainConfig
-    from mllm_pib.demo import world as W
-    from mllm_pib.tokenizer import DEFAULT_CORPUS
     from mllm_pib.training.feature_cache import build_cache
 
-    scenes = W.World(0).sample(size.pairs_per_batch * (size.warmup + size.steps))
-    records = preference_records(scenes, size.answer_words)
-    C.write_scene_images(scenes, work / "data")
-    W.write_jsonl(work / "data" / "pairs.jsonl", records)
-    corpus = [DEFAULT_CORPUS] + [r[k] for r in records for k in ("chosen", "rejected")]
-    C.write_llava(size.model, work / "model", corpus, device=device, dtype=dtype)
+    pairs = P.write_pairs_and_model(work, size, device, dtype)
     config = TrainConfig(
         backbone="llava", model=str(work / "model"), backbone_options={"dtype": dtype, "device": device},
-        data=[{"format": "generic", "path": str(work / "data" / "pairs.jsonl")}], pib=size.pib, max_length=8192,
+        data=[{"format": "generic", "path": str(pairs)}], pib=size.pib, max_length=8192,
     )
     cache_dtype = "float16" if dtype == "float32" else dtype
     build_cache(config, work / "cache", dtype=cache_dtype, batch_size=size.pairs_per_batch)
     setup = {"device": device, "dtype": dtype, "config": json.loads(config.model_dump_json())}
-    setup["tokens"] = token_counts(pair_dataset(*load_backbone(setup)))
+    setup["tokens"] = P.token_counts(pair_dataset(*load_backbone(setup)))
     (work / "setup.json").write_text(json.dumps(setup))
     return setup
 
 
-def token_counts(dataset) -> dict:
-    """Mean prompt tokens (image tokens included) and mean answer tokens (end token included)."""
-    items = dataset.items
-    answers = [len(i.chosen_ids) + len(i.rejected_ids) for i in items]
-    return {"prompt": sum(len(i.prompt_ids) for i in items) / len(items), "answer": sum(answers) / (2 * len(items))}
-
-
 # ------------------------------------------------------------------------------------- schemes
-
-
-# A scheme is built into a function that runs one optimisation step on its next batch (data
-# loading included).
-Step = Callable[[], None]
-
-
-def endless(loader):
-    while True:
-        yield from loader
 
 
 _LOADED: dict[str, object] = {}  # one frozen backbone per process, shared by the schemes built in it
@@ -194,7 +111,12 @@ def stage1_model(backbone, config):
     policy = FreezePolicy.preset("stage1")
     policy.apply(model)
     model.train()
-    return model, policy, torch.optim.Adam(model.pib.parameters(), lr=LEARNING_RATE)
+    return model, policy, optimizer(model.pib.parameters())
+
+
+def optimizer(params):
+    """The trainer's optimizer: transformers' default for torch >= 2.8, ``adamw_torch_fused``."""
+    return torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True)
 
 
 def optimise(optimizer, loss) -> None:
@@ -209,10 +131,10 @@ def pair_loader(backbone, config, pairs: int):
     from mllm_pib.data.dataset import PreferenceCollator
 
     dataset = pair_dataset(backbone, config)
-    return endless(DataLoader(dataset, batch_size=pairs, collate_fn=PreferenceCollator(backbone)))
+    return P.endless(DataLoader(dataset, batch_size=pairs, collate_fn=PreferenceCollator(backbone)))
 
 
-def baseline_scheme(setup: dict, size: BenchSize) -> Step:
+def baseline_scheme(setup: dict, size: BenchSize) -> P.Step:
     import copy
 
     from mllm_pib.objectives import IGNORE_INDEX, preference_loss, sequence_logps
@@ -241,14 +163,14 @@ def baseline_scheme(setup: dict, size: BenchSize) -> Step:
     return step
 
 
-def preference_scheme(setup: dict, batches) -> Step:
+def preference_scheme(setup: dict, batches) -> P.Step:
     """mllm-pib's step (:class:`PreferenceStep`, stage 1) on the batches of ``batches``."""
     from mllm_pib.config import LossConfig
     from mllm_pib.training.preference import PreferenceStep
 
     backbone, config = load_backbone(setup)  # training from a cache loads it too: the head is used
-    model, policy, optimizer = stage1_model(backbone, config)
-    preference_step = PreferenceStep(model, policy, LossConfig(beta=BETA))
+    model, _, optimizer = stage1_model(backbone, config)
+    preference_step = PreferenceStep(model, LossConfig(beta=BETA))
 
     def step() -> None:
         loss, _ = preference_step(C.to_device(next(batches), setup["device"]))
@@ -257,20 +179,20 @@ def preference_scheme(setup: dict, batches) -> Step:
     return step
 
 
-def ours_scheme(setup: dict, size: BenchSize) -> Step:
+def ours_scheme(setup: dict, size: BenchSize) -> P.Step:
     return preference_scheme(setup, pair_loader(*load_backbone(setup), size.pairs_per_batch))
 
 
-def cached_scheme(setup: dict, size: BenchSize, cache_dir: Path) -> Step:
+def cached_scheme(setup: dict, size: BenchSize, cache_dir: Path) -> P.Step:
     from torch.utils.data import DataLoader
 
     from mllm_pib.training.feature_cache import CachedPairs, collate_cached
 
     cached = CachedPairs(cache_dir, json.loads((cache_dir / "manifest.json").read_text()))
-    return preference_scheme(setup, endless(DataLoader(cached, batch_size=size.pairs_per_batch, collate_fn=collate_cached)))
+    return preference_scheme(setup, P.endless(DataLoader(cached, batch_size=size.pairs_per_batch, collate_fn=collate_cached)))
 
 
-def build_scheme(name: str, setup: dict, size: BenchSize, work: Path) -> Step:
+def build_scheme(name: str, setup: dict, size: BenchSize, work: Path) -> P.Step:
     if name == "baseline":
         return baseline_scheme(setup, size)
     if name == "ours":
@@ -310,23 +232,9 @@ def memory_worker(name: str, work: Path, size: BenchSize) -> dict:
 
 
 def timing_worker(work: Path, size: BenchSize) -> dict:
-    """Median wall-clock and CPU seconds per step of every scheme, run round-robin (the order
-    rotating each round)."""
-    from tqdm.auto import tqdm
-
+    """Median wall-clock and CPU seconds per step of every scheme, run round-robin."""
     setup = json.loads((work / "setup.json").read_text())
-    schemes = {name: build_scheme(name, setup, size, work) for name in SCHEMES}
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in SCHEMES}
-    for round_ in tqdm(range(size.warmup + size.steps), desc="timing rounds", unit="round"):
-        order = SCHEMES[round_ % 3:] + SCHEMES[: round_ % 3]
-        for name in order:
-            seconds = C.timed(schemes[name], setup["device"])
-            if round_ >= size.warmup:
-                times[name].append(seconds)
-    return {
-        "s_per_step": {name: C.median([wall for wall, _ in t]) for name, t in times.items()},
-        "cpu_s_per_step": {name: C.median([cpu for _, cpu in t]) for name, t in times.items()},
-    }
+    return P.round_robin({name: build_scheme(name, setup, size, work) for name in SCHEMES}, size, setup["device"])
 
 
 # --------------------------------------------------------------------------------------- flops
@@ -362,10 +270,11 @@ def pair_flops(m: C.LlavaSize, prompt: float, answer: float) -> dict[str, float]
     baseline = (4 * vision + 4 * decoder(whole, causal(whole))
                 + (4 + 2 * 2) * (align + whole * pib_query)  # policy + reference forward, policy backward
                 + (4 + 2) * whole * head)
-    ours = (vision + decoder(prompt, causal(prompt)) + continued
-            + 3 * (2 * align + 2 * answer * pib_query)  # the block reads the image once per row
-            + 3 * 2 * answer * head)
-    lower = vision + decoder(prompt, causal(prompt)) + continued + 3 * (align + 2 * answer * pib_query) + 3 * 2 * answer * head
+    # each image aligned and projected once for both answers; the decoder runs the packed row
+    # prompt + chosen + rejected, whose attention kernel also scores the masked-out pairs
+    block_and_head = 3 * (align + 2 * answer * pib_query) + 3 * 2 * answer * head
+    ours = vision + decoder(prompt + 2 * answer, (prompt + 2 * answer) ** 2) + block_and_head
+    lower = vision + decoder(prompt, causal(prompt)) + continued + block_and_head
     return {"baseline": baseline, "ours": ours, "lower_bound": lower}
 
 
@@ -383,11 +292,7 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    size = SIZES[args.size]
-    if args.steps:
-        size = size.model_copy(update={"steps": args.steps})
-    if args.layers:
-        size = size.model_copy(update={"model": size.model.model_copy(update={"layers": args.layers})})
+    size = SIZES[args.size].resized(args.steps, args.layers)
     dtype = C.resolve_dtype(args)
     worker_args = ["--size", args.size, "--steps", str(size.steps), "--threads", str(args.threads), "--device", args.device]
     with tempfile.TemporaryDirectory(prefix="mllm-pib-bench-") as tmp:
@@ -443,14 +348,12 @@ def report_lines(r: dict) -> list[str]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     C.configure(args)
-    if args.worker:
-        size = SIZES[args.size].model_copy(update={"steps": args.steps})
-        work = Path(args.workdir)
-        result = timing_worker(work, size) if args.worker == "timing" else memory_worker(args.worker, work, size)
-        print(json.dumps(result), flush=True)
-        return
-    result = run(args)
-    C.emit(result, args.json, report_lines(result))
+    size = SIZES[args.size].resized(args.steps)
+
+    def worker(name: str, work: Path) -> dict:
+        return timing_worker(work, size) if name == "timing" else memory_worker(name, work, size)
+
+    C.run_or_work(args, worker, run, report_lines)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def train(work: Path, steps: int, every: int):
     dataset = build_dataset(config, backbone, BadRecordBudget(0))
     sampler = RssSampler(every)
     trainer = PIBTrainer(model, args=args, train_dataset=dataset, data_collator=PreferenceCollator(backbone),
-                         step=PreferenceStep(model, policy, config.loss), policy=policy, callbacks=[sampler])
+                         step=PreferenceStep(model, config.loss), policy=policy, callbacks=[sampler])
     trainer.remove_callback(PrinterCallback)  # it prints every log to stdout, which carries the result
     sampler.samples.append((0, rss_mib()))
     trainer.train()

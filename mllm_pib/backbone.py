@@ -38,14 +38,19 @@ class VisionFeatures:
         llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input (``None`` when
             read back from a feature cache, where the LLM has already run).
         pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
+        rows: optional ``[R]`` image index of each row of a text batch whose rows share images
+            (a preference pair's two answers): the block then aligns and projects each image
+            once (``vision_index`` of :class:`~mllm_pib.block.PostInteractionBlock`). ``None``:
+            text row ``b`` reads image ``b``.
     """
 
     pib: torch.Tensor
     llm: torch.Tensor | None
     pib_mask: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
-        """Apply ``fn`` to every tensor (indexing, repeating, moving)."""
+        """Apply ``fn`` to every per-image tensor (indexing, repeating, moving); ``rows`` is kept."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
         return replace(self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask))
 
@@ -116,7 +121,8 @@ class Backbone(nn.Module):
             hidden: ``[B, T, H]`` input embeddings of the new tokens.
             vision_feats: the images' features; their ``llm`` embeddings replace the positions
                 of ``image_mask``. ``None`` when the new tokens hold no placeholder (decoding).
-            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding.
+            attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding; or, when
+                :attr:`packs_pairs`, a ``[B, 1, T, T]`` additive mask with ``position_ids``.
             cache: the decoder KV cache to extend (``None``: no cache kept).
             image_mask: ``[B, T]`` bool, positions of the visual placeholders.
             position_ids: ``[B, T]``; derived from ``attention_mask`` when omitted.
@@ -127,6 +133,13 @@ class Backbone(nn.Module):
     def lm_head(self) -> nn.Module:
         """The vocabulary projection."""
         raise NotImplementedError
+
+    @property
+    def packs_pairs(self) -> bool:
+        """True when :meth:`lm_forward` also takes a ``[B, 1, T, T]`` additive float
+        ``attention_mask`` (with ``position_ids``): a preference pair's prompt and both answers
+        then run as one row (:mod:`mllm_pib.packing`); otherwise each answer row runs whole."""
+        return False
 
     def parts(self) -> dict[str, nn.Module]:
         """Named parts for the freezing policy (a subset of ``vision``, ``projector``,
@@ -144,9 +157,12 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
-    def stop_token_ids(self) -> list[int]:
-        """Tokens that end generation."""
-        return [self.tokenizer.eos_token_id]
+    def stop_sequences(self) -> list[list[int]]:
+        """Token-id sequences that end generation (any of them, as soon as the new tokens end
+        with it); the decoded answer stops before it. Default: the end-of-sequence token.
+        A backbone whose model ends its answers with a text marker lists that marker's ids too,
+        e.g. with :func:`text_stop_sequences`."""
+        return [[self.tokenizer.eos_token_id]]
 
     @property
     def pad_token_id(self) -> int:
@@ -208,6 +224,22 @@ class Backbone(nn.Module):
 HALF_DTYPES = ("bfloat16", "float16")
 
 
+def text_stop_sequences(tokenizer, text: str) -> list[list[int]]:
+    """The token-id sequences ``text`` becomes in generated text: at the start, after a space,
+    glued to a word and after a newline (a SentencePiece tokenizer gives ``###`` several forms:
+    ``▁###``, ``##`` ``#``, ``###``). Each form is listed once, in that order."""
+    def encode(piece: str) -> list[int]:
+        return tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    forms: list[list[int]] = []
+    for context in ("", " ", "a", "\n"):
+        before, ids = encode(context), encode(context + text)
+        form = ids[len(before):] if ids[: len(before)] == before else []
+        if form and form not in forms:
+            forms.append(form)
+    return forms
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype | None = torch.float32) -> torch.dtype | None:
     """``torch.bfloat16``, ``"bfloat16"`` or ``None`` (``default``) -> a dtype; for backbone loaders."""
     from mllm_pib.errors import UserError
@@ -234,22 +266,37 @@ class PromptTemplate:
     ``prompt`` holds ``{image}`` (where the visual placeholders go) and ``{question}``; it ends
     where the answer starts. ``answer`` holds ``{answer}`` and the end-of-turn text, which is
     scored with the answer (e.g. ``" {answer}</s>"``).
+
+    ``answer_alone`` chooses how the original tokenised its training answers: ``False`` (LLaVA)
+    as part of the whole conversation, so the answer's ids are those that follow the prompt's
+    last words; ``True`` (LAVIS, MiniGPT-4) as a text of its own, without BOS.
     """
 
     prompt: str
     answer: str
+    answer_alone: bool = False
 
     def prompt_text(self, question: str, image: str) -> str:
         return self.prompt.format(image=image, question=question)
 
+    def answer_context(self) -> str:
+        """The prompt's fixed text after its last placeholder, that the answer continues."""
+        return self.prompt.rsplit("}", 1)[-1]
 
-def expand_image_tokens(ids: list[int], image_token_id: int, count: int) -> list[int]:
-    """Replace the single image placeholder of a tokenised prompt by ``count`` copies."""
-    found = ids.count(image_token_id)
-    if found != 1:
-        raise ValueError(f"the prompt must hold exactly one image placeholder, found {found}")
-    at = ids.index(image_token_id)
-    return ids[:at] + [image_token_id] * count + ids[at + 1 :]
+
+def tokenize_around_image(tokenizer, text: str, image: str, image_token_id: int, count: int) -> list[int]:
+    """Token ids of a prompt holding one ``image`` placeholder, as LLaVA, LAVIS and MiniGPT-4
+    build them: the text is cut at the placeholder and each piece tokenised on its own (so a
+    SentencePiece tokenizer starts each with its ``▁`` prefix); BOS is kept only on the first
+    piece; the placeholder becomes ``count`` image tokens."""
+    pieces = text.split(image)
+    if len(pieces) != 2:
+        raise ValueError(f"the prompt must hold exactly one image placeholder {image!r}, found {len(pieces) - 1}")
+    before, after = (tokenizer(piece).input_ids for piece in pieces)
+    bos = tokenizer.bos_token_id
+    if bos is not None and after[:1] == [bos]:
+        after = after[1:]
+    return before + [image_token_id] * count + after
 
 
 class DecoderBackbone(Backbone):
@@ -269,19 +316,21 @@ class DecoderBackbone(Backbone):
 
     def prompt_ids(self, question: str) -> list[int]:
         text = self.template.prompt_text(question, self.image_token)
-        ids = self.tokenizer(text).input_ids
-        return expand_image_tokens(ids, self.image_token_id, self.num_image_tokens)
+        return tokenize_around_image(self.tokenizer, text, self.image_token, self.image_token_id, self.num_image_tokens)
 
     def answer_ids(self, answer: str) -> list[int]:
-        # Tokenise the answer in its context (after the prompt's last characters), so that the
-        # ids are those of the whole conversation tokenised at once, as the model was trained.
-        context = self.template.prompt.rstrip().rsplit(" ", 1)[-1]
-        if "{" in context:
-            context = "."
+        template = self.template
+        text = template.answer.format(answer=answer)
+        if template.answer_alone:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        # The ids that follow the prompt when the whole conversation is tokenised at once, as
+        # the model was trained: the prompt's last words give the context (a SentencePiece
+        # tokenizer joins no piece across a word start, so more context changes nothing).
+        context = template.answer_context() or "."
         base = self.tokenizer(context).input_ids
-        full = self.tokenizer(context + self.template.answer.format(answer=answer)).input_ids
+        full = self.tokenizer(context + text).input_ids
         if full[: len(base)] != base:
-            raise ValueError(f"cannot split the answer {answer!r} from its prompt context")
+            raise ValueError(f"cannot split the answer {answer!r} from its prompt context {context!r}")
         return full[len(base) :]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -313,6 +362,11 @@ class DecoderBackbone(Backbone):
     @property
     def lm_head(self) -> nn.Module:
         return self._lm_head
+
+    @property
+    def packs_pairs(self) -> bool:
+        # transformers' decoders use a prepared 4D mask as it is with these two attentions
+        return getattr(self.decoder.config, "_attn_implementation", None) in ("sdpa", "eager")
 
     def new_cache(self) -> Cache:
         return DynamicCache(config=self.decoder.config)

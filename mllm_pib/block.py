@@ -213,24 +213,31 @@ class PostInteractionBlock(nn.Module):
         vision_mask: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         cache: PIBCache | None = None,
+        vision_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Apply the block.
 
         Args:
             hidden: ``[B, T, H]`` final hidden states of the new text positions.
-            vision: ``[B, N, Dv]`` image features (``cross_attention`` only).
-            vision_mask: ``[B, N]`` bool, valid vision tokens (different counts per sample).
+            vision: ``[B, N, Dv]`` image features (``cross_attention`` only), or ``[I, N, Dv]``
+                with ``vision_index``.
+            vision_mask: ``[B, N]`` (or ``[I, N]``) bool, valid vision tokens (different counts
+                per sample).
             text_mask: ``[B, T_past + T]`` 1/True for real tokens; ``self_attention`` ignores
                 padded keys. Defaults to all valid.
             cache: a :class:`PIBCache` filled and reused across decoding steps; the output for
                 the new positions equals that of a full-sequence call.
+            vision_index: ``[B]`` the image each row reads, when ``vision`` holds one entry per
+                image and several rows share one (a preference pair's two answers): the align
+                MLP and the keys/values then run once per image, not once per row. ``None``:
+                row ``b`` reads ``vision[b]``.
 
         Returns the corrected hidden states, ``[B, T, H]``, in the dtype of ``hidden``.
         """
         dtype = self.layers[0].mlp.up.weight.dtype
         x = hidden.to(dtype)
         if self.config.interaction == "cross_attention":
-            kvs, mask = self._vision_kv(vision, vision_mask, cache, dtype)
+            kvs, mask = self._vision_kv(vision, vision_mask, cache, dtype, vision_index, x.shape[0])
             for layer, kv in zip(self.layers, kvs):
                 x = layer(x, kv, mask)
         elif self.config.interaction == "self_attention":
@@ -240,18 +247,24 @@ class PostInteractionBlock(nn.Module):
                 x = layer(x, None, None)
         return x.to(hidden.dtype)
 
-    def _vision_kv(self, vision, vision_mask, cache, dtype):
+    def _vision_kv(self, vision, vision_mask, cache, dtype, index, rows):
         if vision is None:
             raise ValueError("the cross_attention PIB needs vision features")
+        if index is not None:
+            index = _check_index(index, rows).to(vision.device)
         if cache is not None and cache.vision:
             kvs = cache.vision
         else:
             aligned = self.align(vision.to(dtype))
             kvs = [layer.attn.key_values(aligned) for layer in self.layers]
+            if index is not None:  # per image -> per row; the backward sums each image's rows
+                kvs = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kvs]
             if cache is not None:
                 cache.vision = kvs
         mask = None
         if vision_mask is not None:
+            if index is not None:
+                vision_mask = vision_mask.index_select(0, index.to(vision_mask.device))
             mask = vision_mask.bool().unsqueeze(1)  # [B, 1, N]
             # a sample without any vision token attends to nothing: its branch output is zero
             mask = mask | ~mask.any(-1, keepdim=True)
@@ -278,6 +291,14 @@ class PostInteractionBlock(nn.Module):
         if cache is not None:
             cache.text_mask = text_mask
         return x
+
+
+def _check_index(index: torch.Tensor, rows: int) -> torch.Tensor:
+    # out-of-range values are left to index_select: checking them here would wait for a GPU
+    if index.shape != (rows,) or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"vision_index must hold one integer per row ({rows}), got shape "
+                         f"{tuple(index.shape)} of {index.dtype}")
+    return index
 
 
 def _causal_padding_mask(text_mask: torch.Tensor, new: int) -> torch.Tensor:

@@ -163,17 +163,14 @@ def _fingerprint_at(identity: dict, dtype: str) -> str | None:
 def load_checkpoint(path: str | os.PathLike, backbone, *, allow_base_mismatch: bool = False):
     """Build a :class:`~mllm_pib.model.PIBModel` from ``backbone`` and a checkpoint, after
     checking it was trained on this base (see :func:`check_base`)."""
-    from mllm_pib.freezing import add_lora
     from mllm_pib.model import PIBModel
 
     config, state, meta = read_checkpoint(path)
     policy = FreezePolicy.model_validate(meta.get("freeze_policy", {}))
     check_base(meta, backbone.identity(exclude=policy.trained_backbone_parts), path, allow_base_mismatch)
     model = PIBModel(backbone, PostInteractionBlock(config))
-    if policy.uses_lora:
-        add_lora(model.parts()["llm"], policy.lora)
-    if policy.trains_lm_head:
-        model.keep_reference_head()
+    # the training's parts and adapters; the reference keeps the base weights they replace
+    policy.apply(model)
     load_parts(model, state, path)
     model.requires_grad_(False)
     return model.eval()

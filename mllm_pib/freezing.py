@@ -8,7 +8,6 @@ Presets follow the published recipe: ``stage1`` trains the PIB only, ``stage2`` 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,7 +80,6 @@ class FreezePolicy(BaseModel):
         model.requires_grad_(False)
         if self.trains_lm_head:
             _untie(model, available["lm_head"])
-            model.keep_reference_head()
         if self.uses_lora:
             add_lora(available["llm"], self.lora)
         for part, mode in self.parts.items():
@@ -91,6 +89,7 @@ class FreezePolicy(BaseModel):
             elif mode == "lora":
                 for name, param in module.named_parameters():
                     param.requires_grad_("lora_" in name)
+        model.keep_reference()  # what trains is now known and not yet changed
         return report(model)
 
 
@@ -125,21 +124,6 @@ def add_lora(llm: nn.Module, settings: LoraSettings) -> None:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.targets)
     inject_adapter_in_model(config, llm)
-
-
-@contextlib.contextmanager
-def adapters_disabled(module: nn.Module):
-    """Run ``module`` without its LoRA adapters (the reference policy of a LoRA run)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 def _untie(model, head: nn.Module) -> None:

@@ -31,7 +31,7 @@ class Decoder:
         self.use_cache = use_cache
         self.bypass_pib = bypass_pib
         self.head = model.reference_head() if bypass_pib else self.backbone.lm_head
-        self.stop_ids = torch.tensor(self.backbone.stop_token_ids, device=model.device)
+        self.stops = StopSequences(self.backbone.stop_sequences, model.device)
         self.pad_id = self.backbone.pad_token_id
 
     def fan_out(self, n: int) -> None:
@@ -76,8 +76,36 @@ class Decoder:
             hidden = pib(hidden, self.vision.pib, self.vision.pib_mask, text_mask=self.mask, cache=self.pib_cache)
         return self.head(hidden[:, -1]).float()
 
-    def hits_stop(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.isin(tokens, self.stop_ids)
+
+
+class StopSequences:
+    """The backbone's stop sequences, matched against the ends of generated rows."""
+
+    def __init__(self, sequences: list[list[int]], device: torch.device):
+        if not sequences or any(not s for s in sequences):
+            raise ValueError(f"stop sequences must be non-empty token-id lists, got {sequences!r}")
+        self.sequences = [torch.tensor(s, dtype=torch.long, device=device) for s in sequences]
+        self.longest = max(len(s) for s in sequences)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def ended(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[..., T]`` new tokens -> ``[...]`` bool: the row now ends with a stop sequence."""
+        hit = torch.zeros(tokens.shape[:-1], dtype=torch.bool, device=tokens.device)
+        for stop in self.sequences:
+            if len(stop) <= tokens.shape[-1]:
+                hit |= (tokens[..., -len(stop):] == stop).all(-1)
+        return hit
+
+
+def first_stop(tokens: list[int], sequences: list[list[int]]) -> int | None:
+    """Where the first stop sequence to complete in ``tokens`` starts (``None``: none does)."""
+    for end in range(1, len(tokens) + 1):
+        for stop in sequences:
+            if end >= len(stop) and tokens[end - len(stop):end] == stop:
+                return end - len(stop)
+    return None
 
 
 def sample_or_greedy(
@@ -102,7 +130,7 @@ def sample_or_greedy(
             tokens = logits.argmax(-1)
         tokens = tokens.masked_fill(done, decoder.pad_id)
         new_tokens.append(tokens)
-        done |= decoder.hits_stop(tokens)
+        done |= decoder.stops.ended(torch.stack(new_tokens[-decoder.stops.longest:], 1))
         if stop is not None:
             rows = torch.stack(new_tokens, 1).tolist()
             done |= torch.tensor([not d and stop(r) for r, d in zip(rows, done.tolist())], device=done.device)
@@ -138,7 +166,8 @@ def beam_search(
     hypothesis per prompt, scored by summed log-prob / new-length ** ``length_penalty``."""
     batch = len(input_ids)
     nb = num_beams
-    keep = max(2, 1 + len(decoder.stop_ids)) * nb  # enough candidates to keep nb running
+    # enough candidates to keep nb running: each beam completes at most one stop per sequence
+    keep = max(2, 1 + len(decoder.stops)) * nb
     device = input_ids.device
     decoder.fan_out(nb)
     logits = decoder.start(input_ids.repeat_interleave(nb, 0), attention_mask.repeat_interleave(nb, 0))
@@ -159,7 +188,7 @@ def beam_search(
         source = top_index // vocab
         candidates = running.gather(1, source[..., None].expand(-1, -1, max_new_tokens)).clone()
         candidates[:, :, t] = top_index % vocab
-        hits = decoder.hits_stop(candidates[:, :, t]) | (t + 1 == max_new_tokens)
+        hits = decoder.stops.ended(candidates[:, :, : t + 1]) | (t + 1 == max_new_tokens)
         if stop is not None:
             rows = candidates[:, :, : t + 1].tolist()
             hits |= torch.tensor([[stop(r) for r in beams] for beams in rows], device=device)

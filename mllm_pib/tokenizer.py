@@ -1,16 +1,18 @@
 """Tokenizers trained locally, for tiny models (no tokenizer can be downloaded here).
 
-The tokenizer is byte-level BPE, so any text round-trips exactly, with LLaMA's special tokens
-(``<unk>``, ``<s>``, ``</s>``) and a padding token; backbones add their image placeholders as
-extra special tokens.
+:func:`train_llama_tokenizer` gives a tokenizer shaped like the published LLaMA / Vicuna one, so
+that prefix-space behaviour is the real one: a ``transformers.LlamaTokenizer`` (SentencePiece-style
+BPE, ``▁`` metaspace, byte fallback ``<0x00>``..``<0xFF>``, ``<unk>``=0 ``<s>``=1 ``</s>``=2) over a
+vocabulary trained here. Backbones add their image placeholders as extra special tokens.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaTokenizer
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
@@ -27,38 +29,63 @@ DEFAULT_CORPUS = (
 )
 
 
-def train_tokenizer(
+BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]
+
+
+def train_llama_tokenizer(
     corpus: Iterable[str] = (DEFAULT_CORPUS,),
     *,
     vocab_size: int = 512,
+    legacy: bool = False,
     extra_special_tokens: Iterable[str] = (),
+    pad_token: str | None = PAD,
     padding_side: str = "left",
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``corpus`` and wrap it for transformers.
+) -> LlamaTokenizer:
+    """A ``LlamaTokenizer`` over a BPE vocabulary trained on ``corpus``, laid out as LLaMA's.
 
-    ``padding_side`` is given at construction because a value set afterwards is not saved.
+    Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 byte tokens from 3 (``\\n`` is
+    ``<0x0A>``, as in LLaMA, whose vocabulary has no newline piece), then the trained pieces
+    (``▁`` marks a word start), then ``extra_special_tokens`` and ``pad_token`` (llava-hf adds
+    ``<image>`` then ``<pad>``; original LLaVA and Vicuna have no pad token: ``pad_token=None``).
+
+    ``legacy`` is written to ``tokenizer_config.json`` as the published files carry it, and
+    transformers applies it on every load: ``True`` prepends ``▁`` to every text section
+    (also after a special token), ``False`` only to the start of the text (``prepend_scheme
+    "first"``). LLaVA-1.5 / Vicuna-7B v1.5 publish ``"legacy": false`` (liuhaotian llava-v1.5
+    checkpoints and their fine-tunes); older Vicuna configs carry no ``legacy`` key, which
+    transformers 5 reads as ``False`` too.
     """
-    specials = [UNK, BOS, EOS, PAD, *extra_special_tokens]
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
-    bos_id = tokenizer.token_to_id(BOS)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token=UNK,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        padding_side=padding_side,
+    # Lines are trained apart, so that newline stays a byte token (LLaMA has no newline piece)
+    # and a word after it is learned without "▁"; the first line gets the dummy prefix "▁".
+    texts = [piece for text in corpus for piece in _lines(text)]
+    reserved = 3 + len(BYTE_TOKENS)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must exceed the {reserved} special and byte tokens, got {vocab_size}")
+    trainer_model = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
+    # LLaMA's SentencePiece training splits on whitespace (a piece may start with "▁"), at
+    # script changes (letters | symbols such as "###") and between digits: no learned piece
+    # crosses those, so none does at run time either
+    trainer_model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True),
+        pre_tokenizers.Split(Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁]+|▁"), behavior="isolated"),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False)
+    trainer_model.train_from_iterator(texts, trainer=trainer)
+    trained = json.loads(trainer_model.to_str())["model"]
+    vocab = {token: index for index, token in enumerate([UNK, BOS, EOS, *BYTE_TOKENS])}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = LlamaTokenizer(
+        vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True, padding_side=padding_side,
         extra_special_tokens=list(extra_special_tokens) or None,
     )
+    tokenizer.init_kwargs["legacy"] = legacy  # saved, so that loading applies the same rule
+    if pad_token is not None:
+        tokenizer.add_special_tokens({"pad_token": pad_token})
+    return tokenizer
+
+
+def _lines(text: str) -> list[str]:
+    first, *rest = text.split("\n")
+    return [" " + first, *rest]

@@ -109,6 +109,44 @@ def test_cross_attention_honours_vision_mask_and_cache():
     assert len(cache.vision) == 2
 
 
+def test_vision_index_equals_one_image_per_row_with_gradients():
+    """Each image projected once and shared by its rows gives the outputs and the gradients of
+    the same images repeated row by row (fp32)."""
+    torch.manual_seed(0)
+    block = make(depth=2)
+    set_gates(block)
+    twin = make(depth=2)
+    twin.load_state_dict(block.state_dict())
+    images = torch.randn(3, 8, 24)
+    mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8, [1] * 2 + [0] * 6]).bool()
+    index = torch.tensor([2, 0, 1, 2, 0, 1])  # rows read images 2, 0, 1, then again
+    hidden = torch.randn(6, 4, 32, requires_grad=True)
+    hidden_twin = hidden.detach().clone().requires_grad_(True)
+    weights = torch.randn(6, 4, 32)
+
+    shared = block(hidden, images, vision_mask=mask, vision_index=index)
+    per_row = twin(hidden_twin, images[index], vision_mask=mask[index])
+    assert torch.allclose(shared, per_row, atol=1e-6)
+    (shared * weights).sum().backward()
+    (per_row * weights).sum().backward()
+    assert torch.allclose(hidden.grad, hidden_twin.grad, atol=1e-5)
+    for (name, a), b in zip(block.named_parameters(), twin.parameters()):
+        assert a.grad is not None and torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # the align MLP saw each image once
+    seen = []
+    block.align.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    block(hidden, images, vision_mask=mask, vision_index=index)
+    assert seen == [3]
+
+
+def test_vision_index_is_checked():
+    block = make()
+    with pytest.raises(ValueError, match="one integer per row"):
+        block(torch.randn(4, 2, 32), torch.randn(2, 5, 24), vision_index=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one integer per row"):
+        block(torch.randn(2, 2, 32), torch.randn(2, 5, 24), vision_index=torch.tensor([0.0, 1.0]))
+
+
 def test_cross_attention_output_depends_on_vision():
     torch.manual_seed(0)
     block = make()

@@ -168,14 +168,12 @@ def test_trained_parts_and_adapters_are_not_part_of_the_base(llava, tmp_path):
     """A stage-2 head or LoRA adapters change the backbone's weights; the checkpoint carries
     them, and the base it records (and is checked against) is the untouched one."""
     from mllm_pib.checkpoint import load_model
-    from mllm_pib.freezing import add_lora
 
     fresh = load_model(llava, backbone="llava").backbone.identity()
     model = load_model(llava, backbone="llava")
     policy = FreezePolicy.model_validate({"parts": {"pib": "train", "llm": "lora", "lm_head": "train"},
                                          "lora": {"rank": 2, "alpha": 4, "dropout": 0.0}})
-    add_lora(model.backbone.parts()["llm"], policy.lora)
-    model.keep_reference_head()
+    policy.apply(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name or "lm_head" in name or name.endswith("_gate"):

@@ -42,16 +42,19 @@ def reference_greedy(model, image, question, steps):
         hidden = bb.lm_forward(bb.embed(ids), vision, mask, image_mask=image_mask).hidden
         token = int(bb.lm_head(hidden)[0, -1].argmax())
         out.append(token)
-        if token in bb.stop_token_ids:
+        if ends_with_stop(out, bb.stop_sequences):
             break
         ids = torch.cat([ids, torch.tensor([[token]])], 1)
         image_mask = torch.cat([image_mask, torch.tensor([[False]])], 1)
     return out
 
 
+def ends_with_stop(tokens, stops):
+    return any(len(tokens) >= len(s) and tokens[-len(s):] == s for s in stops)
+
+
 def strip(row, model):
-    stops = model.backbone.stop_token_ids
-    end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+    end = next((i + 1 for i in range(len(row)) if ends_with_stop(row[: i + 1], model.backbone.stop_sequences)), len(row))
     return row[:end]
 
 
@@ -113,9 +116,118 @@ def test_score_answers_equals_full_logits(model):
     hidden = model.backbone_hidden(ids, mask, vision)
     from mllm_pib.objectives import sequence_logps
 
-    for policy in (True, False):
-        logits = model(ids, mask, inputs, bypass_pib=not policy)
-        expected = sequence_logps(logits, labels)
-        scores = model.score_answers(hidden, vision, labels, mask, policy=policy)
-        assert torch.allclose(scores.logps, expected, atol=1e-4)
-        assert int(scores.counts) == len(answer)
+    expected = sequence_logps(model(ids, mask, inputs), labels)
+    scores = model.score_answers(hidden, vision, labels, mask)
+    assert torch.allclose(scores.logps, expected, atol=1e-4)
+    assert int(scores.counts) == len(answer)
+    # the reference of a one-pair batch (the answer as chosen and rejected): the base model's
+    batch = {"vision_inputs": inputs, "prompt_ids": torch.tensor([prompt]), "prompt_mask": torch.ones(1, len(prompt), dtype=torch.long),
+             "answer_ids": torch.tensor([answer, answer]), "answer_mask": torch.ones(2, len(answer), dtype=torch.long), "pair_ids": ["p"]}
+    base = sequence_logps(model(ids, mask, inputs, bypass_pib=True), labels)
+    assert torch.allclose(model.reference_logps(batch).logps, base.repeat(2), atol=1e-4)
+    assert not torch.allclose(base, expected, atol=1e-3)
+
+
+# ------------------------------------------------------------------ multi-token stop sequences
+
+
+class FullForward:
+    """Next-token log-probs of one image and question after given new tokens, from a full
+    forward over the whole sequence (no cache, no decoding loop)."""
+
+    def __init__(self, model, image, question):
+        self.model, bb = model, model.backbone
+        self.prompt = bb.prompt_ids(question)
+        self.vision = bb.encode_vision(**bb.preprocess([image], [question]))
+
+    def __call__(self, rows: list[list[int]]) -> torch.Tensor:
+        model = self.model
+        ids = torch.tensor([self.prompt + row for row in rows])
+        mask = torch.ones_like(ids)
+        vision = self.vision.repeat_interleave(len(rows))
+        hidden = model.pib(model.backbone_hidden(ids, mask, vision), vision.pib, vision.pib_mask, text_mask=mask)
+        return torch.log_softmax(model.backbone.lm_head(hidden[:, -1]).float(), -1)
+
+
+def greedy_until(model, image, question, steps, stops):
+    logps, out = FullForward(model, image, question), []
+    for _ in range(steps):
+        out.append(int(logps([out])[0].argmax()))
+        if ends_with_stop(out, stops):
+            break
+    return out
+
+
+def beam_until(model, image, question, beams, steps, stops):
+    """Beam search written out plainly: candidates ranked by summed log-prob; a candidate that
+    ends in a stop (or at the length limit) is finished if it ranks among the first ``beams``,
+    scored by log-prob / length; stop once no running beam can beat the worst finished one."""
+    logps, running, finished = FullForward(model, image, question), [(0.0, [])], []
+    for t in range(steps):
+        candidates = []
+        for (score, tokens), row in zip(running, logps([tokens for _, tokens in running])):
+            top = row.topk(beams * (len(stops) + 2))
+            candidates += [(score + float(v), tokens + [int(i)]) for v, i in zip(top.values, top.indices)]
+        candidates.sort(key=lambda c: -c[0])
+        running = []
+        for rank, (score, tokens) in enumerate(candidates):
+            if ends_with_stop(tokens, stops) or t + 1 == steps:
+                if rank < beams:
+                    finished.append((score / (t + 1), tokens))
+            else:
+                running.append((score, tokens))
+            if len(running) == beams:
+                break
+        finished = sorted(finished, key=lambda f: -f[0])[:beams]
+        if not running or (len(finished) == beams and running[0][0] / (t + 1) <= finished[-1][0]):
+            break
+    return finished[0][1]
+
+
+@pytest.fixture
+def with_stops(monkeypatch):
+    """``with_stops(backbone, sequences)`` makes ``sequences`` the backbone's stop sequences."""
+    def patch(backbone, sequences):
+        monkeypatch.setattr(type(backbone), "stop_sequences", property(lambda self: sequences))
+    return patch
+
+
+@torch.no_grad()
+def test_multi_token_stops_end_greedy_rows(model, with_stops):
+    set_gates(model, 0.3)
+    pairs = list(zip(images(), QUESTIONS))
+    with_stops(model.backbone, [[-1]])
+    free = [greedy_until(model, image, question, 6, []) for image, question in pairs]
+    stops = [free[0][2:4], free[1][1:4]]  # 2 and 3 tokens from unstopped continuations
+    with_stops(model.backbone, stops)
+    expected = [greedy_until(model, image, question, 8, stops) for image, question in pairs]
+    assert all(ends_with_stop(row, stops) and len(row) < 8 for row in expected)
+    batch = model.prompt_batch(images(), QUESTIONS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision_inputs"])
+    for use_cache in (True, False):
+        tokens = model.generate(*args, max_new_tokens=8, use_cache=use_cache).tolist()
+        for row, want in zip(tokens, expected):
+            assert row[: len(want)] == want
+            assert set(row[len(want):]) <= {model.backbone.pad_token_id}
+            # the text stops before the stop sequence
+            start = len(want) - next(len(s) for s in stops if want[-len(s):] == s)
+            assert model.decode(row) == model.backbone.tokenizer.decode(want[:start], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def test_multi_token_stops_end_beams(model, with_stops):
+    set_gates(model, 0.3)
+    pairs = list(zip(images(), QUESTIONS))
+    with_stops(model.backbone, [[-1]])
+    free = [beam_until(model, image, question, 3, 6, []) for image, question in pairs]
+    stops = [free[0][0:2], free[1][1:3]]  # early, so that a finished beam can win
+    with_stops(model.backbone, stops)
+    expected = [beam_until(model, image, question, 3, 6, stops) for image, question in pairs]
+    assert any(ends_with_stop(row, stops) and len(row) < 6 for row in expected)
+    batch = model.prompt_batch(images(), QUESTIONS)
+    args = (batch["input_ids"], batch["attention_mask"], batch["vision_inputs"])
+    for use_cache in (True, False):
+        tokens = model.generate(*args, max_new_tokens=6, num_beams=3, use_cache=use_cache).tolist()
+        for row, want in zip(tokens, expected):
+            assert row[: len(want)] == want
+            assert set(row[len(want):]) <= {model.backbone.pad_token_id}

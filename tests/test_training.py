@@ -1,5 +1,6 @@
 """End to end: train a PIB with DPO on generated HA-DPO data, for every installed backbone."""
 
+import copy
 import math
 
 import pytest
@@ -26,7 +27,7 @@ def write_config(tmp_path, backbone, model_dir, data_dir, **changes):
         "loss": {"beta": 0.5},
         "max_length": 512,
         "training": {
-            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 8,
+            "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "max_steps": 16,
             "learning_rate": 2e-2, "logging_steps": 1, "save_steps": 4, "seed": 0, "use_cpu": True,
             "lr_scheduler_type": "constant",
         },
@@ -64,7 +65,7 @@ def training_set_loss(config_path, checkpoint):
     model = load_checkpoint(checkpoint, get_backbone(config.backbone).load(config.model))
     dataset = build_dataset(config, model.backbone, BadRecordBudget(0))
     batch = PreferenceCollator(model.backbone)([dataset[i] for i in range(len(dataset))])
-    loss, metrics = PreferenceStep(model, config.freeze_policy(), config.loss)(batch)
+    loss, metrics = PreferenceStep(model, config.loss)(batch)
     return loss.item(), {k: v.item() for k, v in metrics.items()}
 
 
@@ -101,7 +102,7 @@ def test_end_to_end_training(backbone, tmp_path, tiny_model_dir, hadpo_dir):
     assert (out / "checkpoint-8").is_dir()
 
 
-def step_and_batch(config, model, policy):
+def step_and_batch(config, model):
     """The preference step of ``model`` and a batch of 4 training pairs."""
     from mllm_pib.data.dataset import PreferenceCollator
     from mllm_pib.data.records import BadRecordBudget
@@ -109,7 +110,7 @@ def step_and_batch(config, model, policy):
     from mllm_pib.training.run import build_dataset
 
     dataset = build_dataset(config, model.backbone, BadRecordBudget(0))
-    return PreferenceStep(model, policy, config.loss), PreferenceCollator(model.backbone)([dataset[i] for i in range(4)])
+    return PreferenceStep(model, config.loss), PreferenceCollator(model.backbone)([dataset[i] for i in range(4)])
 
 
 def optimise(step, batch, model, steps=3):
@@ -134,7 +135,7 @@ def test_training_leaves_backbone_bit_identical(tmp_path, tiny_model_dir, hadpo_
     assert report["llm"].trainable == 0 and report["pib"].trainable == report["pib"].total
     head_before = backbone.lm_head.weight.clone()
     others = {k: v.clone() for k, v in backbone.state_dict().items() if "lm_head" not in k}
-    step, batch = step_and_batch(config, model, policy)
+    step, batch = step_and_batch(config, model)
     optimise(step, batch, model)
     assert not torch.equal(backbone.lm_head.weight, head_before)  # stage 2 trains the head
     assert torch.equal(model.ref_lm_head.weight, head_before)  # the reference keeps the original
@@ -156,12 +157,49 @@ def test_lora_policy_trains_adapters_only(tmp_path, tiny_model_dir, hadpo_dir):
     assert trainable and all("lora_" in n or n.startswith("pib.") for n in trainable)
     assert not any("vision_tower" in n for n in trainable)  # adapters only in the LLM
     before = {n: p.clone() for n, p in model.named_parameters()}
-    step, batch = step_and_batch(config, model, policy)
+    step, batch = step_and_batch(config, model)
     assert step(batch)[0].item() == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero
     optimise(step, batch, model)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n or n.startswith("pib.") for n in changed)
     assert any("lora_B" in n for n in changed)
+
+
+LORA = {"parts": {"pib": "train", "llm": "lora"}, "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}
+
+
+@pytest.mark.parametrize("freeze", [LORA, "projector", "stage2"], ids=["lora", "projector", "stage2"])
+def test_reference_equals_an_untouched_copy_of_the_initial_model(freeze, tmp_path, tiny_model_dir, hadpo_dir):
+    """After a few steps that change the backbone (adapters, projector, head), the model's
+    reference is still the initial model: its log-probs equal those of a deep copy taken
+    before training, computed from that copy's full logits."""
+    from mllm_pib.objectives import sequence_logps
+    from mllm_pib.training.run import build_model
+
+    config = load_config(write_config(tmp_path, "llava", tiny_model_dir("llava"), hadpo_dir, freeze=freeze))
+    model = build_model(config, get_backbone("llava").load(config.model))
+    initial = copy.deepcopy(model)
+    config.freeze_policy().apply(model)
+    start = {name: param.clone() for name, param in model.backbone.named_parameters()}
+    step, batch = step_and_batch(config, model)
+    optimise(step, batch, model, steps=2)
+    assert any(not torch.equal(p, start[n]) for n, p in model.backbone.named_parameters()), "the backbone should train"
+    n_pairs = len(batch["pair_ids"])
+    expected = []
+    with torch.no_grad():
+        for row in range(2 * n_pairs):
+            pair = row % n_pairs
+            prompt = batch["prompt_ids"][pair][batch["prompt_mask"][pair] == 1]
+            answer = batch["answer_ids"][row][batch["answer_mask"][row] == 1]
+            ids = torch.cat([prompt, answer])[None]
+            labels = torch.cat([torch.full_like(prompt, -100), answer])[None]
+            inputs = {k: v[pair:pair + 1] for k, v in batch["vision_inputs"].items()}
+            expected.append(sequence_logps(initial(ids, torch.ones_like(ids), inputs), labels))
+    expected = torch.cat(expected)
+    assert torch.allclose(model.reference_logps(batch).logps, expected, atol=1e-4)
+    policy, reference = model.answer_logps(batch)
+    assert torch.allclose(reference.logps, expected, atol=1e-4)
+    assert not torch.allclose(policy.logps, expected, atol=1e-3)
 
 
 def test_cli_train_and_unknown_key(tmp_path, tiny_model_dir, hadpo_dir, capsys):

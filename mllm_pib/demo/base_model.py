@@ -48,7 +48,7 @@ class PretrainedModel:
 def conversation_corpus(backbone_name: str, world: W.World) -> list[str]:
     """The backbone's prompts and answers about the world, as the text of whole conversations.
 
-    The template is the backbone's own: a throwaway tiny model (whose byte-level tokenizer
+    The template is the backbone's own: a throwaway tiny model (whose byte-fallback tokenizer
     round-trips any text) renders each prompt with ``prompt_ids`` and ``answer_ids``.
     """
     from mllm_pib.plugins import get_backbone

@@ -110,7 +110,7 @@ def to_device(value, device):
 def _pair_tensors(model, batch, dtype):
     vision = model.backbone.encode_vision(**batch["vision_inputs"])
     rows = model.pair_hidden(batch, vision)
-    ref = model.score_answers(rows.hidden, rows.vision(vision), rows.labels, rows.text_mask, policy=False)
+    ref = model.reference_logps(batch, computed=(vision, rows))
     n_pairs = len(batch["pair_ids"])
     for i, pair_id in enumerate(batch["pair_ids"]):
         both = torch.tensor([i, n_pairs + i])
@@ -219,6 +219,8 @@ def collate_cached(items: list[dict]) -> dict:
 
 
 def cached_vision(batch: dict) -> VisionFeatures:
-    """The block's vision features of a cached batch, one row per answer row."""
-    vision = VisionFeatures(pib=batch["vision"], llm=None, pib_mask=batch.get("vision_mask"))
-    return vision.map(lambda t: t.repeat(2, *([1] * (t.dim() - 1))))
+    """The block's vision features of a cached batch: each pair's image once, read by its
+    chosen row and its rejected row."""
+    pairs = batch["vision"].shape[0]
+    rows = torch.arange(pairs, device=batch["vision"].device).repeat(2)
+    return VisionFeatures(pib=batch["vision"], llm=None, pib_mask=batch.get("vision_mask"), rows=rows)

@@ -162,7 +162,7 @@ def train(config: TrainConfig, output_dir: str | None = None, resume: bool = Fal
         output.prepare()
     trainer = PIBTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
-        step=PreferenceStep(model, policy, config.loss), policy=policy, allow_base_mismatch=allow_base_mismatch,
+        step=PreferenceStep(model, config.loss), policy=policy, allow_base_mismatch=allow_base_mismatch,
     )
     try:
         trainer.train(resume_from_checkpoint=resume or None)

@@ -39,6 +39,7 @@ class InstructBlipBackbone(DecoderBackbone):
         super().__init__()
         check_feature(feature)
         config = model.config
+        apply_ln_vision_eps(model)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -47,9 +48,10 @@ class InstructBlipBackbone(DecoderBackbone):
         self.image_token_id = config.image_token_id
         self.image_token = self.tokenizer.convert_ids_to_tokens(config.image_token_id)
         self.num_image_tokens = config.num_query_tokens
-        # LAVIS tokenises the answer on its own (BOS dropped) and appends EOS; in context that is
-        # the answer after a space, ending with EOS.
-        self.template = PromptTemplate(prompt="{question}", answer=" {answer}" + self.tokenizer.eos_token)
+        # LAVIS tokenises ``answer + eos`` on its own and drops the BOS it gets.
+        self.template = PromptTemplate(
+            prompt="{question}", answer="{answer}" + self.tokenizer.eos_token, answer_alone=True
+        )
         self.hidden_size = config.text_config.hidden_size
         self.pib_vision_size = (
             config.vision_config.hidden_size if feature == "vit" else config.qformer_config.hidden_size
@@ -131,6 +133,15 @@ class QFormerWithQueries(nn.Module):
         super().__init__()
         self.qformer = qformer
         self.query_tokens = query_tokens
+
+
+def apply_ln_vision_eps(model) -> None:
+    """Give the ViT's final norm the epsilon the configuration records (``vision_config.ln_vision_eps``,
+    set when the weights come from LAVIS, whose ``ln_vision`` uses 1e-5); transformers builds it
+    with the ViT blocks' ``layer_norm_eps``."""
+    eps = getattr(model.config.vision_config, "ln_vision_eps", None)
+    if eps is not None:
+        model.vision_model.post_layernorm.eps = eps
 
 
 def check_feature(feature: str) -> None:

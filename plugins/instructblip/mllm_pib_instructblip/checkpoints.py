@@ -25,6 +25,11 @@ Expected inputs:
   and image tokens) the missing embedding and output rows are set to the mean row: the image
   placeholder's input embedding is replaced by the visual tokens anyway, and LAVIS never
   trained either row.
+
+LAVIS normalises the ViT output with ``ln_vision = LayerNorm(1408)``, whose epsilon is PyTorch's
+default 1e-5; transformers builds that norm (``vision_model.post_layernorm``) with the ViT blocks'
+1e-6. The LAVIS loader records 1e-5 in the configuration (``vision_config.ln_vision_eps``), which
+the backbone applies, so the model saved from it keeps LAVIS's epsilon.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from mllm_pib.errors import UserError
 from mllm_pib.torch_files import load_torch_file
 
 logger = logging.getLogger(__name__)
+
+# ``torch.nn.LayerNorm``'s default, which LAVIS's ``ln_vision`` keeps.
+LAVIS_LN_VISION_EPS = 1e-5
 
 # LAVIS prefix -> transformers prefix, first match wins.
 PREFIXES = (
@@ -211,6 +219,7 @@ def load_lavis(
             "Salesforce/instructblip-vicuna-7b without its weights>"
         )
     config = read_config(Path(config_path))
+    config.vision_config.ln_vision_eps = LAVIS_LN_VISION_EPS
     processor = read_processor(Path(config_path), config)
     state = read_torch_file(path)
     state.update(_extra_weights(path, state, "visual_encoder.", vit_path, "vit_path",

@@ -1,7 +1,8 @@
 """A tiny random InstructBLIP in the transformers layout, with locally trained tokenizers.
 
-The LLM tokenizer is :func:`mllm_pib.tokenizer.train_tokenizer`'s byte-level BPE with the image
-token added as a special token. The Q-Former tokenizer is BERT-like, as InstructBLIP's
+The LLM tokenizer is LLaMA-style (:func:`mllm_pib.tokenizer.train_llama_tokenizer`: SentencePiece
+pieces, byte fallback) with InstructBLIP's special tokens: ``</s>`` as BOS, EOS and UNK (LAVIS sets
+them so), ``[PAD]`` and the ``<image>`` placeholder. The Q-Former tokenizer is BERT-like, as InstructBLIP's
 (``bert-base-uncased`` plus LAVIS's ``[DEC]`` BOS): lower-cased WordPiece with ``[CLS] text [SEP]``
 and right padding, whose vocabulary is the corpus words plus every single character (so any text
 over those characters tokenises), built deterministically rather than trained.
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mllm_pib.tokenizer import DEFAULT_CORPUS, train_tokenizer
+from mllm_pib.tokenizer import DEFAULT_CORPUS, train_llama_tokenizer
 from mllm_pib.io import atomic_directory
 
 IMAGE_TOKEN = "<image>"
@@ -52,14 +53,25 @@ def qformer_tokenizer(corpus: Iterable[str]):
     )
 
 
-def tiny_processor(corpus: Iterable[str], image_size: int, num_query_tokens: int, vocab_size: int = 512):
+def llm_tokenizer(corpus: Iterable[str], vocab_size: int = 512, legacy: bool = False):
+    """The Vicuna tokenizer as LAVIS and ``Salesforce/instructblip-vicuna-*`` set it up: ``[PAD]``
+    added after the vocabulary, then ``<image>`` (32000 and 32001 in the published one)."""
+    tokenizer = train_llama_tokenizer(corpus, vocab_size=vocab_size, legacy=legacy, pad_token=None)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]", "bos_token": "</s>", "unk_token": "</s>"})
+    tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.update_post_processor()  # BOS is prepended through the post-processor
+    return tokenizer
+
+
+def tiny_processor(corpus: Iterable[str], image_size: int, num_query_tokens: int, vocab_size: int = 512,
+                   legacy: bool = False):
     from transformers import InstructBlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     corpus = list(corpus)
     return InstructBlipProcessor(
         image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
-        tokenizer=train_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=[IMAGE_TOKEN]),
+        tokenizer=llm_tokenizer(corpus, vocab_size, legacy),
         qformer_tokenizer=qformer_tokenizer(corpus),
         num_query_tokens=num_query_tokens,
     )
@@ -67,7 +79,7 @@ def tiny_processor(corpus: Iterable[str], image_size: int, num_query_tokens: int
 
 def tiny_config(processor, *, image_size: int = 32, patch_size: int = 8, num_query_tokens: int = 6,
                 vision_hidden: int = 32, qformer_hidden: int = 32, hidden: int = 64, layers: int = 2, heads: int = 4):
-    """InstructBLIP's structure at toy size: a Q-Former with cross-attention in every layer."""
+    """InstructBLIP's structure at toy size: a Q-Former with cross-attention every 2nd layer, as the real one."""
     from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig, LlamaConfig
 
     tokenizer = processor.tokenizer
@@ -77,7 +89,7 @@ def tiny_config(processor, *, image_size: int = 32, patch_size: int = 8, num_que
     )
     qformer = InstructBlipQFormerConfig(
         vocab_size=len(processor.qformer_tokenizer), hidden_size=qformer_hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, intermediate_size=2 * qformer_hidden, cross_attention_frequency=1,
+        num_attention_heads=heads, intermediate_size=2 * qformer_hidden, cross_attention_frequency=2,
         max_position_embeddings=128, pad_token_id=processor.qformer_tokenizer.pad_token_id,
     )
     text = LlamaConfig(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,10 +24,21 @@ IMAGE_TOKEN = "<image>"
 KEY_PREFIXES = (  # original prefix -> llava-hf prefix
     ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
-    ("model.vision_tower.", None),  # some finetunes save the tower too; it is read from its own checkpoint
+    # a fine-tuned CLIP tower, saved with the CLIPVisionModel names of its day
+    ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
     ("model.", "model.language_model."),
     ("lm_head.", "lm_head."),
 )
+# config field -> (LLaVA-1.5's value, what the original code assumes when the field is absent)
+LLAVA_15_SETTINGS: dict[str, tuple[Any, Any]] = {
+    "mm_projector_type": ("mlp2x_gelu", "linear"),
+    "image_aspect_ratio": ("pad", "square"),  # anything else is not padded to a square
+    "mm_patch_merge_type": ("flat", "flat"),
+    "mm_use_im_start_end": (False, False),
+    "mm_use_im_patch_token": (False, True),  # the original's loader adds <im_patch> when absent
+}
+LLAVA_16_SIGNS = {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial"}
+LLAVA_16_WEIGHT = "model.image_newline"
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "hidden_act",
@@ -37,12 +49,27 @@ def is_original_layout(path: Path) -> bool:
     return "mm_vision_tower" in json.loads((path / "config.json").read_text())
 
 
-def map_key(key: str) -> str | None:
-    """llava-hf name of an original LLaVA-1.5 weight (``None``: not taken from this file)."""
+def map_key(key: str) -> str:
+    """llava-hf name of an original LLaVA-1.5 weight."""
     for old, new in KEY_PREFIXES:
         if key.startswith(old):
-            return None if new is None else new + key[len(old):]
+            return new + key[len(old):]
     raise UserError(f"unexpected weight {key!r} in an original LLaVA-1.5 checkpoint")
+
+
+def check_llava15(raw: dict, config_path: Path) -> None:
+    """Refuse a configuration the llava backbone would not run as the original code does."""
+    for field, (expected, absent) in LLAVA_15_SETTINGS.items():
+        value = raw.get(field, absent)
+        if value == expected:
+            continue
+        given = f"{field} {value!r}" + ("" if field in raw else " (absent: the original's default)")
+        sign = LLAVA_16_SIGNS.get(field)
+        if sign is not None and str(value).startswith(sign):
+            raise UserError(f"{config_path}: {given} is LLaVA-1.6 (LLaVA-NeXT); the llava backbone runs "
+                            "LLaVA-1.5 only, and no LLaVA-1.6 backbone is installed")
+        raise UserError(f"{config_path}: {given} is not LLaVA-1.5's {expected!r}; the llava backbone "
+                        "runs LLaVA-1.5 checkpoints only")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -67,11 +94,7 @@ def load_original(path: Path, *, vision_tower: str | None, dtype: torch.dtype):
                               LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
     raw = json.loads((path / "config.json").read_text())
-    if raw.get("mm_projector_type", "linear") != "mlp2x_gelu":
-        raise UserError(
-            f"{path / 'config.json'}: mm_projector_type {raw.get('mm_projector_type')!r} is not "
-            "LLaVA-1.5's 'mlp2x_gelu'; only LLaVA-1.5 checkpoints are supported"
-        )
+    check_llava15(raw, path / "config.json")
     tower_path = Path(vision_tower or raw["mm_vision_tower"])
     if not (tower_path / "config.json").is_file():
         raise UserError(
@@ -93,9 +116,14 @@ def load_original(path: Path, *, vision_tower: str | None, dtype: torch.dtype):
         vision_feature_select_strategy="default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
         projector_hidden_act="gelu", tie_word_embeddings=False,
     )
-    state = _mapped_state(read_state_dict(path), len(tokenizer))
-    tower = CLIPVisionModel.from_pretrained(tower_path)
-    state.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
+    original = read_state_dict(path)
+    if LLAVA_16_WEIGHT in original:
+        raise UserError(f"{path}: weight {LLAVA_16_WEIGHT!r} is LLaVA-1.6 (LLaVA-NeXT)'s; the llava backbone "
+                        "runs LLaVA-1.5 only, and no LLaVA-1.6 backbone is installed")
+    state = _mapped_state(original, len(tokenizer))
+    if not any(key.startswith("model.vision_tower.") for key in state):
+        tower = CLIPVisionModel.from_pretrained(tower_path)
+        state.update({f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()})
     try:
         # from_pretrained with a state dict allocates no random weights first and keeps buffers
         model = LlavaForConditionalGeneration.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
@@ -113,11 +141,7 @@ def load_original(path: Path, *, vision_tower: str | None, dtype: torch.dtype):
 
 
 def _mapped_state(original: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    state = {}
-    for key, tensor in original.items():
-        new = map_key(key)
-        if new is not None:
-            state[new] = tensor
+    state = {map_key(key): tensor for key, tensor in original.items()}
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         rows = state[key]
         if rows.shape[0] < vocab_size:  # the appended <image> (and pad) rows

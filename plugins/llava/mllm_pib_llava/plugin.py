@@ -29,6 +29,7 @@ def mllm_pib_register_backbones():
                 "feature": "PIB vision features: clip (layer -2, CLS dropped; default) | projector",
                 "vision_tower": "CLIP tower directory for original (liuhaotian) checkpoints",
                 "corpus": "tiny models only: texts the tokenizer is trained on (default: a small built-in corpus)",
+                "legacy": "tiny models only: the tokenizer's legacy setting (default false, as LLaVA-1.5 publishes it)",
             },
             write_tiny=_write_tiny,
         )

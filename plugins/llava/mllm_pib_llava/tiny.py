@@ -1,4 +1,6 @@
-"""A tiny random LLaVA-1.5 in the llava-hf layout, with a locally trained tokenizer."""
+"""A tiny random LLaVA-1.5 in the llava-hf layout, with a locally trained tokenizer shaped like
+Vicuna's (SentencePiece-style ``LlamaTokenizer``, ``legacy`` false as published by default), plus
+``<image>`` and ``<pad>`` appended in that order, as llava-hf does."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from mllm_pib.tokenizer import DEFAULT_CORPUS, train_tokenizer
+from mllm_pib.tokenizer import DEFAULT_CORPUS, train_llama_tokenizer
 
 IMAGE_TOKEN = "<image>"
 
@@ -31,11 +33,12 @@ def tiny_config(vocab_size: int, image_token_id: int, *, image_size: int = 48, p
     )
 
 
-def tiny_processor(corpus: Iterable[str], image_size: int, patch_size: int, vocab_size: int = 512):
+def tiny_processor(corpus: Iterable[str], image_size: int, patch_size: int, vocab_size: int = 512,
+                   legacy: bool = False):
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=[IMAGE_TOKEN])
+    tokenizer = train_llama_tokenizer(corpus, vocab_size=vocab_size, legacy=legacy, extra_special_tokens=[IMAGE_TOKEN])
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
@@ -46,11 +49,13 @@ def tiny_processor(corpus: Iterable[str], image_size: int, patch_size: int, voca
 
 
 def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *,
-               image_size: int = 48, patch_size: int = 8, vocab_size: int = 512, **sizes) -> None:
-    """Write a tiny random ``LlavaForConditionalGeneration`` + processor to ``out_dir``."""
+               image_size: int = 48, patch_size: int = 8, vocab_size: int = 512, legacy: bool = False,
+               **sizes) -> None:
+    """Write a tiny random ``LlavaForConditionalGeneration`` + processor to ``out_dir``
+    (``legacy``: the tokenizer's ``legacy`` setting)."""
     from transformers import LlavaForConditionalGeneration
 
-    processor = tiny_processor(corpus, image_size, patch_size, vocab_size)
+    processor = tiny_processor(corpus, image_size, patch_size, vocab_size, legacy)
     tokenizer = processor.tokenizer
     config = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_size=image_size, patch_size=patch_size, **sizes)

@@ -11,7 +11,7 @@ from mllm_pib.errors import UserError
 from torch import nn
 
 from .modeling import MiniGPT4ForConditionalGeneration
-from .template import build_prompt_ids, encode_text, single_token_stops
+from .template import IMAGE_PLACEHOLDER, stop_sequences, template
 
 FEATURES = ("vit", "qformer", "projected")
 DEFAULT_FEATURE = "vit"
@@ -44,8 +44,8 @@ class MiniGPT4Backbone(DecoderBackbone):
     - ``qformer``: Q-Former output ``[B, 32, 768]`` (``v1`` only).
     - ``projected``: ``llama_proj`` output, the LLM's visual tokens: ``[B, 32 or 64, H]``.
 
-    The answer ends with ``</s>``, which is scored (for ``v1`` MiniGPT-4's own stop ``###`` is
-    also a stop token where the tokenizer makes it a single token).
+    Answers end as MiniGPT-4 trained them, and that end is scored: ``###`` for ``v1`` (Vicuna),
+    ``</s>`` for ``llama2``. Generation stops at ``</s>`` and, for ``v1``, at any form of ``###``.
 
     Args:
         model: the plain :class:`MiniGPT4ForConditionalGeneration`.
@@ -80,6 +80,8 @@ class MiniGPT4Backbone(DecoderBackbone):
         self.model_id = model_id
         self.variant = config.variant
         self.image_token_id = config.image_token_id
+        self.image_token = IMAGE_PLACEHOLDER
+        self.template = template(config.variant, tokenizer)
         self.num_image_tokens = config.num_image_tokens
         self.hidden_size = config.text_config.hidden_size
         self.pib_vision_size = {
@@ -109,18 +111,9 @@ class MiniGPT4Backbone(DecoderBackbone):
         return VisionFeatures(pib=getattr(features, self.feature), llm=features.projected)
 
     # --- template ---------------------------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        return build_prompt_ids(
-            self.tokenizer, self.variant, question, self.image_token_id, self.num_image_tokens
-        )
-
-    def answer_ids(self, answer: str) -> list[int]:
-        return encode_text(self.tokenizer, answer) + [self.tokenizer.eos_token_id]
-
     @property
-    def stop_token_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [eos] + [i for i in single_token_stops(self.tokenizer, self.variant) if i != eos]
+    def stop_sequences(self) -> list[list[int]]:
+        return stop_sequences(self.tokenizer, self.variant)
 
     # --- parts and persistence --------------------------------------------------------------
     def parts(self) -> dict[str, nn.Module]:

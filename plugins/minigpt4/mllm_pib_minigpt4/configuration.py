@@ -31,6 +31,10 @@ class MiniGPT4Config(PreTrainedConfig):
             Number of learned Q-Former queries (`v1`).
         num_merged_patches (`int`, *optional*, defaults to 4):
             Number of neighbouring patch tokens concatenated into one visual token (`llama2`).
+        ln_vision_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of `ln_vision` (the vision tower's `post_layernorm`): MiniGPT-4 builds it as
+            `LayerNorm(1408)` with PyTorch's default, while BLIP-2's vision config gives its blocks'
+            1e-6.
         image_token_id (`int`, *optional*):
             Id of the `<ImageHere>` placeholder whose input embeddings the visual tokens replace.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -57,6 +61,7 @@ class MiniGPT4Config(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     num_query_tokens: int = 32
     num_merged_patches: int = 4
+    ln_vision_eps: float = 1e-5
     image_token_id: int | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False

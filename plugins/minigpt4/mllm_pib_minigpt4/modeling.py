@@ -7,8 +7,8 @@ tokens into the prompt embeddings where ``<ImageHere>`` stands. Here:
 
 - ``vision_model`` is a ``Blip2VisionModel``; its ``post_layernorm`` *is* MiniGPT-4's ``ln_vision``
   (LAVIS's EVA-ViT-g has no final norm of its own; transformers' BLIP-2 conversion stores
-  ``ln_vision`` as ``vision_model.post_layernorm``), so its ``last_hidden_state`` is
-  ``ln_vision(ViT(image))``.
+  ``ln_vision`` as ``vision_model.post_layernorm``), with ``ln_vision``'s epsilon
+  (``config.ln_vision_eps``), so its ``last_hidden_state`` is ``ln_vision(ViT(image))``.
 - ``qformer`` + ``query_tokens`` are BLIP-2's (``v1`` only), ``llama_proj`` is MiniGPT-4's linear
   layer, ``language_model`` is a ``LlamaForCausalLM``.
 
@@ -70,6 +70,7 @@ class MiniGPT4ForConditionalGeneration(MiniGPT4PreTrainedModel):
     def __init__(self, config: MiniGPT4Config):
         super().__init__(config)
         self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+        self.vision_model.post_layernorm.eps = config.ln_vision_eps
         if config.variant == "v1":
             self.query_tokens = nn.Parameter(
                 torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size)

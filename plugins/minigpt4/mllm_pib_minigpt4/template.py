@@ -1,57 +1,42 @@
-"""MiniGPT-4's prompt templates and how they are tokenized.
+"""MiniGPT-4's prompt templates and answer ends.
 
 MiniGPT-4 splits the prompt at ``<ImageHere>``, tokenizes the pieces separately (BOS only on the
-first one) and puts the visual tokens between them. Here the placeholder is expanded to one
-``<ImageHere>`` id per visual token instead, whose embeddings the visual tokens then replace:
-the same decoder input.
+first one) and puts the visual tokens between them; the core's
+:func:`~mllm_pib.backbone.tokenize_around_image` does the same, with the placeholder expanded to
+one ``<ImageHere>`` id per visual token, whose embeddings the visual tokens then replace.
+
+Its training target is ``answer + end_sym`` tokenized on its own without special tokens, with
+``end_sym`` from the stage-2 / eval configs: ``###`` (the conversation separator) for Vicuna,
+``</s>`` for Llama-2.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from mllm_pib.backbone import PromptTemplate, text_stop_sequences
+
 IMAGE_PLACEHOLDER = "<ImageHere>"
 
-TEMPLATES = {
-    "v1": "###Human: <Img><ImageHere></Img> {question} ###Assistant: ",
-    "llama2": "[INST] <Img><ImageHere></Img> {question} [/INST] ",
+# ``prompt_template`` of the configs, holding the instruction "<Img><ImageHere></Img> {question}".
+PROMPTS = {
+    "v1": "###Human: <Img>{image}</Img> {question} ###Assistant: ",
+    "llama2": "[INST] <Img>{image}</Img> {question} [/INST] ",
 }
-
-# MiniGPT-4 (Vicuna) ends its answers with "###", its conversation separator.
-V1_STOP = "###"
-
-
-def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of plain text: no BOS, and special-token strings typed by users stay text."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+# ``end_sym`` of the stage-2 and eval configs; ``None``: the tokenizer's end-of-sequence token.
+END_SYMBOLS = {"v1": "###", "llama2": None}
 
 
-def build_prompt_ids(
-    tokenizer: Any, variant: str, question: str, image_token_id: int, num_image_tokens: int
-) -> list[int]:
-    """``[BOS] + before + <ImageHere> * num_image_tokens + after`` for ``variant``'s template."""
-    before, after = TEMPLATES[variant].split(IMAGE_PLACEHOLDER)
-    after = after.replace("{question}", question)
-    return (
-        [tokenizer.bos_token_id]
-        + encode_text(tokenizer, before)
-        + [image_token_id] * num_image_tokens
-        + encode_text(tokenizer, after)
-    )
+def template(variant: str, tokenizer: Any) -> PromptTemplate:
+    """``variant``'s prompt, and its answer ``answer + end_sym`` tokenized on its own."""
+    end = END_SYMBOLS[variant] or tokenizer.eos_token
+    return PromptTemplate(prompt=PROMPTS[variant], answer="{answer}" + end, answer_alone=True)
 
 
-def single_token_stops(tokenizer: Any, variant: str) -> list[int]:
-    """Ids of the ``v1`` stop ``###`` in the forms (bare, after a space) that are one token.
-
-    ``stop_token_ids`` holds single ids, so a form the tokenizer splits (the LLaMA tokenizer
-    splits ``###`` glued to text into ``##`` + ``#``) cannot be listed; the scored end token
-    ``</s>`` ends generation in every case.
-    """
-    if variant != "v1":
-        return []
-    stops = []
-    for form in (V1_STOP, " " + V1_STOP):
-        ids = encode_text(tokenizer, form)
-        if len(ids) == 1 and ids[0] not in stops:
-            stops.append(ids[0])
+def stop_sequences(tokenizer: Any, variant: str) -> list[list[int]]:
+    """``</s>`` (the LLM's own end) and, for ``v1``, every form ``###`` takes in generated text."""
+    stops = [[tokenizer.eos_token_id]]
+    end = END_SYMBOLS[variant]
+    if end is not None:
+        stops += [form for form in text_stop_sequences(tokenizer, end) if form not in stops]
     return stops

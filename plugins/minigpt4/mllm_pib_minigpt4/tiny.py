@@ -3,7 +3,8 @@
 Same classes and layout as the real model, a few thousand times smaller: EVA-ViT-like tower of
 width 32 (2 layers, patch 8; 32 px -> 16 patches for ``v1``, 48 px -> 36 patches -> 9 merged
 tokens for ``llama2``), Q-Former of width 32 with 8 queries, LLaMA of width 64 (2 layers), and a
-byte-level BPE tokenizer trained locally with ``<ImageHere>`` as an added special token.
+LLaMA-style (SentencePiece, byte fallback) tokenizer trained locally with ``<ImageHere>`` added
+as a special token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from mllm_pib.tokenizer import train_tokenizer
+from mllm_pib.tokenizer import train_llama_tokenizer
 from torch import nn
 
 from .configuration import VARIANTS, MiniGPT4Config
@@ -43,8 +44,10 @@ def tiny_text_config(tokenizer) -> dict:
 
 
 def tiny_tokenizer():
-    """A locally trained tokenizer with ``<ImageHere>`` as an added special token."""
-    return train_tokenizer(extra_special_tokens=[IMAGE_PLACEHOLDER])
+    """A LLaMA-style tokenizer with ``<ImageHere>`` as an added special token, shaped like the
+    published ones: Vicuna v0 and Llama-2-chat have no pad token, and transformers reads their
+    ``legacy`` (absent for Vicuna v0, ``false`` for Llama-2-chat) as ``False``."""
+    return train_llama_tokenizer(legacy=False, pad_token=None, extra_special_tokens=[IMAGE_PLACEHOLDER])
 
 
 def jitter_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:

@@ -1,0 +1,52 @@
+"""The SentencePiece-style LLaMA tokenizer for tiny models: LLaMA's id layout, byte fallback,
+and transformers' own ``legacy`` rule, kept through save and load."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from mllm_pib.backbone import text_stop_sequences
+from mllm_pib.tokenizer import train_llama_tokenizer
+
+PROMPT = "USER: <image>\nIs there a cat? ASSISTANT:"
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy-false", "legacy-true"])
+def tokenizer(request):
+    return train_llama_tokenizer(legacy=request.param, extra_special_tokens=["<image>"])
+
+
+def test_llama_id_layout_and_byte_fallback(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<0x00>", "<0x0A>", "<0xFF>"])
+    assert ids == [0, 1, 2, 3, 13, 258]
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [len(tokenizer) - 2, len(tokenizer) - 1]
+    encoded = tokenizer("Is there a cat?\né").input_ids
+    pieces = tokenizer.convert_ids_to_tokens(encoded)
+    assert encoded[0] == 1 and pieces[1] == "▁Is" and "▁there" in pieces
+    # newline and a character outside the training corpus fall back to their UTF-8 bytes
+    assert pieces[-3:] == ["<0x0A>", "<0xC3>", "<0xA9>"]
+    text = "Two  spaces, a\nnewline and é."
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_legacy_decides_the_space_after_a_special_token(tokenizer, tmp_path):
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(PROMPT).input_ids)
+    after = pieces[pieces.index("<image>") + 1:][:2]
+    # legacy: every section gets the "▁" prefix, also after <image>; otherwise only the first
+    assert after == (["▁", "<0x0A>"] if tokenizer.legacy else ["<0x0A>", "Is"])
+    # a text tokenised on its own always starts with "▁" (LLaVA's chunks rely on it)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("\nIs").input_ids) == ["<s>", "▁", "<0x0A>", "Is"]
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "LlamaTokenizer" and loaded.legacy == tokenizer.legacy
+    assert loaded(PROMPT).input_ids == tokenizer(PROMPT).input_ids
+    assert loaded.padding_side == "left"
+
+
+def test_text_stop_sequences_list_every_form_of_a_marker(tokenizer):
+    forms = text_stop_sequences(tokenizer, "###")
+    assert len(forms) == len({tuple(f) for f in forms}) >= 2
+    assert any(len(form) > 1 for form in forms)  # "###" glued to a word splits into "##" "#"
+    for form in forms:
+        assert tokenizer.decode(form).strip() == "###"
+    glued = tokenizer("a dog.###", add_special_tokens=False).input_ids
+    assert any(glued[-len(form):] == form for form in forms)
