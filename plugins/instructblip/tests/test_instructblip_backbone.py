@@ -22,7 +22,7 @@ from mllm_pib_instructblip.backbone import InstructBlipBackbone, load
 from mllm_pib.tokenizer import DEFAULT_CORPUS
 from mllm_pib_instructblip.tiny import tiny_config, tiny_processor, write_tiny
 
-QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
+QUESTIONS = ["Is there a dog next to the bench in the image?", "Describe this image in detail."]
 ANSWERS = ["Yes, there is.", "A red circle."]
 ATOL = 1e-5
 

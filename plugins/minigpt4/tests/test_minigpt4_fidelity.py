@@ -87,7 +87,7 @@ def compare_generation(backbone, variant, num_beams, max_new_tokens=8):
     """The identity-PIB model's tokens and text against ``MiniGPTBase.generate`` (rows cut at
     the first stop: ``</s>``, and for Vicuna the demo's ``###`` stop words)."""
     model = PIBModel(backbone, pib_config=PIB)
-    questions = list(QUESTIONS[:2])
+    questions = list(QUESTIONS[1:3])
     batch = model.prompt_batch(images(2), questions)
     assert (batch["attention_mask"] == 0).any(), "the prompts must differ in length"
     with torch.no_grad():
@@ -126,11 +126,11 @@ def test_vicuna_generation_stops_at_hashes():
     ``##`` ``#`` after a few tokens."""
     backbone = make_backbone("v1", legacy=False, seed=1)
     tokenizer = backbone.tokenizer
-    pixels = backbone.preprocess(images(2), list(QUESTIONS[:2]))["pixel_values"]
+    pixels = backbone.preprocess(images(2), list(QUESTIONS[1:3]))["pixel_values"]
 
     def greedy():
         with torch.no_grad():
-            return original.generate(backbone.model, tokenizer, "v1", pixels, list(QUESTIONS[:2]), max_new_tokens=5)
+            return original.generate(backbone.model, tokenizer, "v1", pixels, list(QUESTIONS[1:3]), max_new_tokens=5)
 
     spaced, (glued, last) = original.vicuna_stops(tokenizer)
     swap_head_rows(backbone, greedy()[0][2], spaced[0])
