@@ -83,8 +83,8 @@ def trl_rows(setup: dict) -> list[dict]:
 
 
 def check_same_tokens(setup: dict, backbone) -> dict:
-    """Token counts of the pairs through mllm-pib and through TRL's collator, refused unless
-    every pair gives both the same prompt and answers."""
+    """Mean token counts of the pairs, after checking that TRL's collator gives every pair the
+    token ids mllm-pib scores: prompt (image tokens included) + chosen, prompt + rejected."""
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
@@ -92,11 +92,11 @@ def check_same_tokens(setup: dict, backbone) -> dict:
     collate = DataCollatorForVisionPreference(AutoProcessor.from_pretrained(setup["model"]))
     for item, row in zip(ours.items, trl_rows(setup), strict=True):
         batch = collate([row])
-        completion = batch["completion_mask"].sum(1).tolist()
-        prompt = int(batch["attention_mask"][0].sum()) - completion[0]
-        if (prompt, *completion) != (len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)):
-            raise SystemExit(f"pair {item.pair.pair_id}: TRL's collator gives {prompt} prompt and {completion} answer "
-                             f"tokens, mllm-pib {len(item.prompt_ids)} and {[len(item.chosen_ids), len(item.rejected_ids)]}")
+        for r, answer in enumerate((item.chosen_ids, item.rejected_ids)):
+            trl_ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+            if trl_ids != item.prompt_ids + answer:
+                raise SystemExit(f"pair {item.pair.pair_id}: TRL's collator gives other tokens than mllm-pib "
+                                 f"({len(trl_ids)} against {len(item.prompt_ids) + len(answer)})")
     return P.token_counts(ours)
 
 
