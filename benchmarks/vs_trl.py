@@ -83,8 +83,8 @@ def trl_rows(setup: dict) -> list[dict]:
 
 
 def check_same_tokens(setup: dict, backbone) -> dict:
-    """Token counts of the pairs through mllm-pib and through TRL's collator, refused unless
-    every pair gives both the same prompt and answers."""
+    """Mean token counts of the pairs, after checking that TRL's collator gives every pair the
+    token ids mllm-pib scores: prompt (image tokens included) + chosen, prompt + rejected."""
     from transformers import AutoProcessor
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
@@ -92,11 +92,11 @@ def check_same_tokens(setup: dict, backbone) -> dict:
     collate = DataCollatorForVisionPreference(AutoProcessor.from_pretrained(setup["model"]))
     for item, row in zip(ours.items, trl_rows(setup), strict=True):
         batch = collate([row])
-        completion = batch["completion_mask"].sum(1).tolist()
-        prompt = int(batch["attention_mask"][0].sum()) - completion[0]
-        if (prompt, *completion) != (len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)):
-            raise SystemExit(f"pair {item.pair.pair_id}: TRL's collator gives {prompt} prompt and {completion} answer "
-                             f"tokens, mllm-pib {len(item.prompt_ids)} and {[len(item.chosen_ids), len(item.rejected_ids)]}")
+        for r, answer in enumerate((item.chosen_ids, item.rejected_ids)):
+            trl_ids = batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist()
+            if trl_ids != item.prompt_ids + answer:
+                raise SystemExit(f"pair {item.pair.pair_id}: TRL's collator gives other tokens than mllm-pib "
+                                 f"({len(trl_ids)} against {len(item.prompt_ids) + len(answer)})")
     return P.token_counts(ours)
 
 
@@ -345,6 +345,8 @@ def run(args) -> dict:
     per_pair = {name: s / pairs for name, s in timing["s_per_step"].items()}
     cpu = timing["cpu_s_per_step"]
     peak = {name: m["peak_mb"] for name, m in memory.items()}
+    prompt, answer = setup["tokens"]["prompt"], setup["tokens"]["answer"]
+    trl_tokens = 2 * (prompt + answer) / (prompt + 2 * answer)  # decoder tokens TRL runs per one of ours, a pass
     return {
         "speedup_stage1": per_pair["trl_stage1"] / per_pair["pib_stage1"],
         "speedup_lora": per_pair["trl_lora"] / per_pair["pib_lora"],
@@ -352,11 +354,13 @@ def run(args) -> dict:
         "memory_ratio_lora": peak["pib_lora"] / peak["trl_lora"],
         "cpu_time_speedup_stage1": cpu["trl_stage1"] / cpu["pib_stage1"],
         "cpu_time_speedup_lora": cpu["trl_lora"] / cpu["pib_lora"],
+        "decoder_token_ratio_stage1": 2 * trl_tokens,  # TRL: policy and reference passes; ours: one
+        "decoder_token_ratio_lora": trl_tokens,  # three passes each: forward, backward, reference
         "s_per_pair": per_pair,
         "peak_mb": peak,
         "setup": {"device": args.device, "dtype": dtype, "size": args.size, "pairs_per_batch": pairs,
                   "timed_steps": size.steps, "warmup_steps": size.warmup, "image_tokens": size.model.image_tokens,
-                  "prompt_tokens": setup["tokens"]["prompt"], "answer_tokens": setup["tokens"]["answer"],
+                  "prompt_tokens": prompt, "answer_tokens": answer,
                   "threads": args.threads, "trl": trl_version(), "model": size.model.model_dump()},
     }
 
@@ -367,11 +371,13 @@ def report_lines(r: dict) -> list[str]:
         f"DPO training vs TRL {s['trl']}, {s['size']} model on {s['device']} ({s['dtype']}), {s['pairs_per_batch']} pairs per step, "
         f"prompt {s['prompt_tokens']:.0f} tokens ({s['image_tokens']} image), answers {s['answer_tokens']:.0f} tokens",
         f"  stage 1: s/pair TRL (lm_head + reference copy) {t['trl_stage1']:.4f}   mllm-pib {t['pib_stage1']:.4f}   "
-        f"speedup {r['speedup_stage1']:.2f}x (CPU time {r['cpu_time_speedup_stage1']:.2f}x)",
+        f"speedup {r['speedup_stage1']:.2f}x (CPU time {r['cpu_time_speedup_stage1']:.2f}x; "
+        f"decoder tokens {r['decoder_token_ratio_stage1']:.2f}x)",
         f"           peak MB above the loaded model: TRL {m['trl_stage1']:.0f}   mllm-pib {m['pib_stage1']:.0f}   "
         f"ratio {r['memory_ratio_stage1']:.2f}",
         f"  LoRA:    s/pair TRL {t['trl_lora']:.4f}   mllm-pib (LoRA + PIB) {t['pib_lora']:.4f}   "
-        f"speedup {r['speedup_lora']:.2f}x (CPU time {r['cpu_time_speedup_lora']:.2f}x)",
+        f"speedup {r['speedup_lora']:.2f}x (CPU time {r['cpu_time_speedup_lora']:.2f}x; "
+        f"decoder tokens {r['decoder_token_ratio_lora']:.2f}x)",
         f"           peak MB above the loaded model: TRL {m['trl_lora']:.0f}   mllm-pib {m['pib_lora']:.0f}   "
         f"ratio {r['memory_ratio_lora']:.2f}",
     ]
