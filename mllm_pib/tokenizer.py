@@ -3,7 +3,8 @@
 :func:`train_llama_tokenizer` gives a tokenizer shaped like the published LLaMA / Vicuna one, so
 that prefix-space behaviour is the real one: a ``transformers.LlamaTokenizer`` (SentencePiece-style
 BPE, ``▁`` metaspace, byte fallback ``<0x00>``..``<0xFF>``, ``<unk>``=0 ``<s>``=1 ``</s>``=2) over a
-vocabulary trained here. Backbones add their image placeholders as extra special tokens.
+vocabulary trained here. :func:`train_byte_level_tokenizer` is a byte-level BPE, for the demo's
+synthetic world. Backbones add their image placeholders as extra special tokens.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaTokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 
@@ -27,6 +28,44 @@ DEFAULT_CORPUS = (
     "There is a dog, a person, a car, a chair, a table, a cup, a bottle, a bird and a tree. "
     "What is in the picture? The photo contains two people sitting next to a bench."
 )
+
+
+def train_byte_level_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    extra_special_tokens: Iterable[str] = (),
+    padding_side: str = "left",
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``corpus`` (``<unk>`` ``<s>`` ``</s>`` ``<pad>``, then
+    ``extra_special_tokens``) and wrap it for transformers.
+
+    ``padding_side`` is given at construction because a value set afterwards is not saved.
+    """
+    specials = [UNK, BOS, EOS, PAD, *extra_special_tokens]
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side=padding_side,
+        extra_special_tokens=list(extra_special_tokens) or None,
+    )
 
 
 BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]

@@ -45,11 +45,11 @@ class PretrainedModel:
     record: dict
 
 
-def conversation_corpus(backbone_name: str, world: W.World) -> list[str]:
+def conversation_corpus(backbone_name: str, world: W.World, tiny_options: dict | None = None) -> list[str]:
     """The backbone's prompts and answers about the world, as the text of whole conversations.
 
-    The template is the backbone's own: a throwaway tiny model (whose byte-fallback tokenizer
-    round-trips any text) renders each prompt with ``prompt_ids`` and ``answer_ids``.
+    The template is the backbone's own: a throwaway tiny model (written with ``tiny_options``,
+    whose tokenizer round-trips any text) renders each prompt with ``prompt_ids`` and ``answer_ids``.
     """
     from mllm_pib.plugins import get_backbone
 
@@ -58,7 +58,7 @@ def conversation_corpus(backbone_name: str, world: W.World) -> list[str]:
     answers = [W.answer(kind.word, yes) for kind in W.KINDS for yes in (True, False)]
     answers += [scene.biased_caption for scene in world.sample(CORPUS_CAPTIONS)]
     with tempfile.TemporaryDirectory(prefix="mllm-pib-template-") as tmp:
-        registered.write_tiny(tmp, seed=0)
+        registered.write_tiny(tmp, seed=0, **(tiny_options or {}))
         backbone = registered.load(tmp)
     tokenizer = backbone.tokenizer
     texts = []
@@ -88,8 +88,8 @@ def build_base_model(config: DemoConfig, out_dir: Path, progress: bool = True) -
     registered = get_backbone(pre.backbone)
     world = W.World(config.world_seed, config.world)
     start = time.perf_counter()
-    corpus = conversation_corpus(pre.backbone, world)
-    registered.write_tiny(str(out_dir), seed=pre.model_seed, corpus=corpus)
+    corpus = conversation_corpus(pre.backbone, world, pre.tiny_options)
+    registered.write_tiny(str(out_dir), seed=pre.model_seed, corpus=corpus, **pre.tiny_options)
     backbone = registered.load(str(out_dir))
     losses = supervised_finetune(backbone, pretraining_examples(config), pre.finetune, progress=progress)
     backbone.save_pretrained(str(out_dir))

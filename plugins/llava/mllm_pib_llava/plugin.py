@@ -30,6 +30,7 @@ def mllm_pib_register_backbones():
                 "vision_tower": "CLIP tower directory for original (liuhaotian) checkpoints",
                 "corpus": "tiny models only: texts the tokenizer is trained on (default: a small built-in corpus)",
                 "legacy": "tiny models only: the tokenizer's legacy setting (default false, as LLaVA-1.5 publishes it)",
+                "tokenizer": "tiny models only: llama (default, shaped like Vicuna's) | byte-level (the demo world's)",
             },
             write_tiny=_write_tiny,
         )
