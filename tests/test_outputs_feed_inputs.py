@@ -6,7 +6,6 @@ all its inputs before any model runs."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -133,11 +132,9 @@ def test_eval_run_refuses_a_bad_chair_input_before_pope_starts(bootstrap, tmp_pa
     bad = tmp_path / "chair_objects.jsonl"
     bad.write_text(json.dumps({"image": first["image"], "objects": first["objects"]}) + "\n" + json.dumps(record) + "\n")
     config = eval_run_config(tmp_path, bootstrap, tiny_model_dir("llava"), bad)
-    start = time.perf_counter()
     code, _, err = run_cli(capsys, "eval", "run", "--config", config)
     assert code == 2 and message in err
     assert not (tmp_path / "eval").exists()  # no model ran: POPE wrote nothing
-    assert time.perf_counter() - start < 20
 
 
 def shr_run_config(tmp_path: Path, bootstrap, tiny_model: str, **judge) -> tuple[Path, Path, Path]:
@@ -186,11 +183,9 @@ def _no_val_file(shr_dir: Path, vg_dir: Path) -> str:
 def test_eval_run_refuses_a_bad_shr_input_before_any_model(bootstrap, tmp_path, tiny_model_dir, capsys, breaks):
     config, shr_dir, vg_dir = shr_run_config(tmp_path, bootstrap, tiny_model_dir("llava"))
     message = breaks(shr_dir, vg_dir)
-    start = time.perf_counter()
     code, _, err = run_cli(capsys, "eval", "run", "--config", config)
     assert code == 2 and message in err, err
     assert not (tmp_path / "eval").exists()  # no model ran: POPE wrote nothing
-    assert time.perf_counter() - start < 20
 
 
 @pytest.mark.parametrize("judge, message", [
