@@ -77,7 +77,6 @@ class Decoder:
         return self.head(hidden[:, -1]).float()
 
 
-
 class StopSequences:
     """The backbone's stop sequences, matched against the ends of generated rows."""
 
