@@ -58,17 +58,19 @@ def test_bootstrap_objects_feed_pope_build_then_pope_with_a_model_then_score(boo
     code, _, err = run_cli(capsys, "eval", "pope", "build", "--annotations", bootstrap.objects, "--images", 2,
                            "--seed", 3, "--out", tmp_path / "pope")
     assert code == 0, err
-    questions = tmp_path / "pope" / "coco_pope_adversarial.json"
+    # the whole folder, as the README runs it: the build's own ownership marker is not a question file
     code, out, err = run_cli(capsys, "eval", "pope", "--backbone", "llava", "--model", tiny_model_dir("llava"),
-                             "--questions", questions, "--images", bootstrap.image_dir, "--out", tmp_path / "eval",
+                             "--questions", tmp_path / "pope", "--images", bootstrap.image_dir, "--out", tmp_path / "eval",
                              "--max-new-tokens", 3, "--json")
     assert code == 0, err
     answered = json.loads(out)
-    code, out, err = run_cli(capsys, "eval", "pope", "score", "--json", "--questions", questions,
-                             "--answers", tmp_path / "eval" / "answers_coco_pope_adversarial.jsonl")
+    splits = ("random", "popular", "adversarial")
+    pairs = [("--questions", tmp_path / "pope" / f"coco_pope_{split}.json",
+              "--answers", tmp_path / "eval" / f"answers_coco_pope_{split}.jsonl") for split in splits]
+    code, out, err = run_cli(capsys, "eval", "pope", "score", "--json", *[arg for pair in pairs for arg in pair])
     assert code == 0, err
     assert json.loads(out) == {k: v for k, v in answered.items() if k != "identity"}
-    assert answered["adversarial"]["total"] == 12
+    assert [answered[split]["total"] for split in splits] == [12, 12, 12]
 
 
 def test_bootstrap_objects_and_descriptions_feed_eval_chair(bootstrap, tmp_path, tiny_model_dir, capsys):

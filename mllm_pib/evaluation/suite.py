@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 
 
 def question_files(questions: str | Path) -> list[Path]:
-    """A question file, or every ``*.json``/``*.jsonl`` question file of a directory."""
+    """A question file, or every ``*.json``/``*.jsonl`` question file of a directory (hidden
+    files left out: ``eval pope build`` keeps its ownership marker there)."""
     path = Path(questions)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.name.startswith("."))
         if not files:
             raise UserError(f"{path}: no POPE question files (*.json, *.jsonl)")
         return files
