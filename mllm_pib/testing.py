@@ -224,19 +224,35 @@ class BackboneContractTests:
         assert not torch.allclose(policy, reference, atol=1e-2), "the open block must change the log-probs"
 
     # --- generation ---------------------------------------------------------------------------
-    @pytest.mark.parametrize("num_beams", [1, 3])
+    @pytest.mark.parametrize(("num_beams", "interaction"), [(1, "cross_attention"), (3, "self_attention")])
     @torch.no_grad()
-    def test_cached_generation_equals_uncached(self, contract_backbone, num_beams):
+    def test_cached_generation_equals_uncached(self, contract_backbone, num_beams, interaction):
         """Greedy and beam search on a left-padded batch of two images of different sizes, with
-        a block strong enough that a wrong cache changes the tokens."""
-        model = _open_block(contract_backbone, "self_attention", scale=8.0)
-        batch = model.prompt_batch(self.contract_images(), list(self.questions))
+        a block strong enough that a wrong cache changes the tokens: cached equals recomputed,
+        and each row equals its prompt decoded alone."""
+        from mllm_pib.generation import first_stop
+
+        model = _open_block(contract_backbone, interaction, scale=8.0)
+        images, questions = self.contract_images(), list(self.questions)
+        batch = model.prompt_batch(images, questions)
         assert (batch["attention_mask"] == 0).any(), "the contract prompts must need left padding"
         args = (batch["input_ids"], batch["attention_mask"], batch["vision_inputs"])
-        cached = model.generate(*args, max_new_tokens=self.max_new_tokens, num_beams=num_beams)
-        uncached = model.generate(*args, max_new_tokens=self.max_new_tokens, num_beams=num_beams, use_cache=False)
+        settings = {"max_new_tokens": self.max_new_tokens, "num_beams": num_beams}
+        cached = model.generate(*args, **settings)
         assert cached.shape[1] > 0
-        assert torch.equal(cached, uncached)
+        assert torch.equal(cached, model.generate(*args, **settings, use_cache=False))
+        assert not torch.equal(cached, model.generate(*args, **settings, bypass_pib=True)), (
+            "the block should change the tokens")
+        stops = contract_backbone.stop_sequences
+
+        def until_stop(row: list[int]) -> list[int]:
+            start = first_stop(row, stops)
+            return row if start is None else row[:start]
+
+        for i in range(len(questions)):
+            single = model.prompt_batch(images[i : i + 1], questions[i : i + 1])
+            alone = model.generate(single["input_ids"], single["attention_mask"], single["vision_inputs"], **settings)
+            assert until_stop(alone[0].tolist()) == until_stop(cached[i].tolist())
 
     @torch.no_grad()
     def test_identity_greedy_equals_full_recomputation(self, contract_backbone):
