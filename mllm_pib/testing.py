@@ -285,6 +285,7 @@ class BackboneContractTests:
 
         backbone = contract_backbone
         backbone.save_pretrained(str(tmp_path / "saved"))
+        assert [p.name for p in tmp_path.iterdir()] == ["saved"], "save_pretrained left other files next to its folder"
         again = get_backbone(self.backbone_name).load(str(tmp_path / "saved"), feature=backbone.feature,
                                                       **self._load_options_without_feature())
         assert again.prompt_ids(self.questions[0]) == backbone.prompt_ids(self.questions[0])
