@@ -228,10 +228,8 @@ class BackboneContractTests:
     @torch.no_grad()
     def test_cached_generation_equals_uncached(self, contract_backbone, num_beams, interaction):
         """Greedy and beam search on a left-padded batch of two images of different sizes, with
-        a block strong enough that a wrong cache changes the tokens: cached equals recomputed,
-        and each row equals its prompt decoded alone."""
-        from mllm_pib.generation import first_stop
-
+        a block strong enough to change the tokens: cached equals recomputed, and (greedy) each
+        step's logits agree and each row equals its prompt decoded alone."""
         model = _open_block(contract_backbone, interaction, scale=8.0)
         images, questions = self.contract_images(), list(self.questions)
         batch = model.prompt_batch(images, questions)
@@ -241,18 +239,19 @@ class BackboneContractTests:
         cached = model.generate(*args, **settings)
         assert cached.shape[1] > 0
         assert torch.equal(cached, model.generate(*args, **settings, use_cache=False))
+        if num_beams > 1:
+            return
         assert not torch.equal(cached, model.generate(*args, **settings, bypass_pib=True)), (
             "the block should change the tokens")
+        # tokens of tiny random models hide small errors (e.g. a wrong position): compare the
+        # next-token logits of each step too, both fed the same tokens
+        steps = [_step_logits(model, batch, cached, use_cache) for use_cache in (True, False)]
+        torch.testing.assert_close(steps[0], steps[1], atol=self.logp_atol, rtol=self.logp_atol)
         stops = contract_backbone.stop_sequences
-
-        def until_stop(row: list[int]) -> list[int]:
-            start = first_stop(row, stops)
-            return row if start is None else row[:start]
-
         for i in range(len(questions)):
             single = model.prompt_batch(images[i : i + 1], questions[i : i + 1])
             alone = model.generate(single["input_ids"], single["attention_mask"], single["vision_inputs"], **settings)
-            assert until_stop(alone[0].tolist()) == until_stop(cached[i].tolist())
+            assert _until_stop(alone[0].tolist(), stops) == _until_stop(cached[i].tolist(), stops)
 
     @torch.no_grad()
     def test_identity_greedy_equals_full_recomputation(self, contract_backbone):
@@ -389,6 +388,24 @@ def _logits(backbone, ids, mask, vision_inputs) -> torch.Tensor:
     vision = backbone.encode_vision(**vision_inputs)
     hidden = backbone.lm_forward(backbone.embed(ids), vision, mask, image_mask=ids == backbone.image_token_id).hidden
     return backbone.lm_head(hidden)
+
+
+def _until_stop(tokens: list[int], stops: list[list[int]]) -> list[int]:
+    from mllm_pib.generation import first_stop
+
+    start = first_stop(tokens, stops)
+    return tokens if start is None else tokens[:start]
+
+
+def _step_logits(model, batch: dict, tokens: torch.Tensor, use_cache: bool) -> torch.Tensor:
+    """``[B, L, V]`` next-token logits of each decoding step, the steps fed ``tokens``."""
+    from mllm_pib.generation import Decoder
+
+    decoder = Decoder(model, batch["vision_inputs"], use_cache=use_cache, bypass_pib=False)
+    logits = [decoder.start(batch["input_ids"], batch["attention_mask"])]
+    for column in tokens.T[:-1]:
+        logits.append(decoder.step(column))
+    return torch.stack(logits, 1)
 
 
 def _open_block(backbone, interaction: str, scale: float = 1.0):
