@@ -153,6 +153,7 @@ def pickle_files(model_path: str) -> list[Path]:
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMMON_LOAD_OPTIONS = ("dtype", "device")
+NAME_IT = "--backbone NAME (in a config: backbone: NAME)"
 TINY_MODEL_OUTPUT = OutputKind(command="tiny-model", what="tiny model", writes=(), done="config.json")
 
 
@@ -202,13 +203,13 @@ class Registry:
             )
         raise UserError(self._unknown_message(name))
 
-    def for_model_type(self, model_type: str, where: str = "", how: str = "--backbone NAME") -> RegisteredBackbone:
+    def for_model_type(self, model_type: str, where: str = "", how: str = "") -> RegisteredBackbone:
         """The backbone whose spec claims ``model_type`` (transformers' ``config.json`` field).
 
         ``where`` (a file) starts the messages and ``how`` says how the user names a backbone
         instead. Raises a :class:`UserError` when no backbone or more than one claims it."""
         claims = [entry for entry in self.backbones.values() if model_type in entry.spec.model_types]
-        prefix = f"{where}: " if where else ""
+        prefix, how = (f"{where}: " if where else ""), how or NAME_IT
         if not claims:
             known = ", ".join(
                 f"{kind} ({entry.name})" for entry in self.backbones.values() for kind in entry.spec.model_types
@@ -365,7 +366,7 @@ def get_backbone(name: str) -> RegisteredBackbone:
 
 
 def resolve_backbone(model_path: str | os.PathLike | None, backbone: str | None = None,
-                     how: str = "--backbone NAME") -> str:
+                     how: str = NAME_IT) -> str:
     """The backbone name to load ``model_path`` with: ``backbone`` when given (the user's word
     wins), else the backbone that registers the ``model_type`` of ``model_path/config.json``.
 
@@ -376,9 +377,11 @@ def resolve_backbone(model_path: str | os.PathLike | None, backbone: str | None 
     """
     if backbone:
         return backbone
-    config = Path(model_path or "") / "config.json"
-    if not model_path or not config.is_file():
-        raise UserError(f"{model_path or 'no model path'}: no config.json to detect the backbone from; "
+    if not model_path:
+        raise UserError(f"no model path to detect the backbone from; name the backbone with {how}")
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{model_path}: no config.json to detect the backbone from; "
                         f"name the backbone with {how} (see `mllm-pib backbones`)")
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
