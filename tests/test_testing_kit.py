@@ -107,21 +107,24 @@ class TestNoFeature(BackboneContractTests):
 # the checks run per broken backbone (a passing control check included) and those that must fail
 RUN = {
     "TestIds": ["test_token_ids", "test_vision_features"],
-    "TestCache": ["test_cached_generation_equals_uncached[1-cross_attention]",
-                  "test_cached_generation_equals_uncached[3-self_attention]",
-                  "test_identity_greedy_equals_full_recomputation"],
+    "TestCache": ["test_cached_generation_equals_uncached[1-cross_attention]"],
     "TestSave": ["test_save_pretrained_round_trip", "test_pib_checkpoint_reloads_and_exports",
                  "test_identity_stable_across_reload"],
     "TestNoFeature": ["test_registration", "test_pib_checkpoint_reloads_and_exports", "test_token_ids"],
 }
 FAILING = {
     "TestIds": {"test_token_ids"},
-    # tokens of a tiny random model survive the wrong positions (beam search, identity greedy);
-    # the greedy check's step logits do not
+    # the tokens of a tiny random model may survive the wrong positions; the step logits do not
     "TestCache": {"test_cached_generation_equals_uncached[1-cross_attention]"},
     "TestSave": {"test_save_pretrained_round_trip", "test_pib_checkpoint_reloads_and_exports"},
     "TestNoFeature": {"test_registration", "test_pib_checkpoint_reloads_and_exports"},
 }
+
+
+def keywords(test_id: str) -> str:
+    """A ``-k`` expression for one test id: ``name[1-cross_attention]`` -> ``name and 1-cross_attention``."""
+    name, _, params = test_id.rstrip("]").partition("[")
+    return f"{name} and {params}" if params else name
 
 
 def install(site: Path) -> None:
@@ -138,7 +141,7 @@ def test_kit_reports_each_broken_part(tmp_path):
     site.mkdir()
     install(site)
     (tmp_path / "test_broken_contract.py").write_text(dedent(TESTS))
-    selection = " or ".join(f"({cls} and {test.split('[')[0]})" for cls, tests in RUN.items() for test in tests)
+    selection = " or ".join(f"({cls} and {keywords(test)})" for cls, tests in RUN.items() for test in tests)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            DISABLE_ENV: ""}
     result = subprocess.run(
@@ -150,4 +153,5 @@ def test_kit_reports_each_broken_part(tmp_path):
     for outcome, cls, test in re.findall(r"^(PASSED|FAILED) test_broken_contract\.py::(\w+)::(\S+)", result.stdout, re.M):
         outcomes[outcome].setdefault(cls, set()).add(test)
     assert outcomes["FAILED"] == FAILING, result.stdout[-4000:]
-    assert outcomes["PASSED"] == {cls: set(tests) - FAILING[cls] for cls, tests in RUN.items()}, result.stdout[-4000:]
+    passing = {cls: set(tests) - FAILING[cls] for cls, tests in RUN.items()}
+    assert outcomes["PASSED"] == {cls: tests for cls, tests in passing.items() if tests}, result.stdout[-4000:]
