@@ -222,6 +222,25 @@ def export_model(
     return output.path
 
 
+def pib_path(model_path: str, pib: str | None) -> str | None:
+    """The PIB checkpoint to load: ``pib``, else the one an exported model directory holds."""
+    exported = Path(model_path or "") / EXPORT_SUBDIR
+    if pib is None and model_path and (exported / META_FILE).is_file():
+        return str(exported)
+    return pib
+
+
+def backbone_name(model_path: str, backbone: str | None = None, pib: str | None = None) -> str:
+    """The backbone :func:`load_model` uses: ``backbone`` when given, else the PIB checkpoint's
+    (``pib`` or an exported model's), else the one registering the ``model_type`` of
+    ``model_path/config.json`` (see :func:`mllm_pib.plugins.resolve_backbone`)."""
+    from mllm_pib.plugins import resolve_backbone
+
+    pib = pib_path(model_path, pib)
+    recorded = read_checkpoint(pib)[2].get("base_model", {}).get("backbone") if pib else None
+    return resolve_backbone(model_path, backbone or recorded)
+
+
 def load_model(
     model_path: str, backbone: str | None = None, pib: str | None = None, *,
     allow_base_mismatch: bool = False, **options,
@@ -229,20 +248,16 @@ def load_model(
     """Load a :class:`~mllm_pib.model.PIBModel` from one path.
 
     ``model_path`` is a base model (then the PIB comes from ``pib``, or is the identity) or an
-    exported directory (base + ``pib/``). The backbone name defaults to the PIB's. A PIB is
+    exported directory (base + ``pib/``). The backbone name defaults to the PIB's, then to the one
+    registering the model's ``config.json`` ``model_type`` (see :func:`backbone_name`). A PIB is
     refused on a base other than its own unless ``allow_base_mismatch`` (see :func:`check_base`).
     """
     from mllm_pib.model import PIBModel
-    from mllm_pib.plugins import get_backbone
+    from mllm_pib.plugins import get_backbone, resolve_backbone
 
-    exported = Path(model_path) / EXPORT_SUBDIR
-    if pib is None and (exported / META_FILE).is_file():
-        pib = str(exported)
-    meta = read_checkpoint(pib)[2] if pib else {}
-    base_meta = meta.get("base_model", {})
-    name = backbone or base_meta.get("backbone")
-    if name is None:
-        raise UserError(f"{model_path}: name the backbone (--backbone) for a model without a PIB checkpoint")
+    pib = pib_path(model_path, pib)
+    base_meta = read_checkpoint(pib)[2].get("base_model", {}) if pib else {}
+    name = resolve_backbone(model_path, backbone or base_meta.get("backbone"))
     if base_meta and base_meta.get("backbone") != name:
         raise UserError(
             f"{pib}: this PIB was trained for backbone {base_meta.get('backbone')!r} "

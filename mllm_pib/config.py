@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from mllm_pib.block import PIBConfig
 from mllm_pib.errors import UserError
@@ -68,7 +68,8 @@ class Bootstrap(Strict):
 
 
 class TrainConfig(Strict):
-    backbone: str
+    backbone: str | None = Field(default=None, description="default: the backbone registering the model_type "
+                                 "of model/config.json")
     model: str | None = Field(default=None, description="base model path (None: backbone options assemble it)")
     backbone_options: dict[str, Any] = Field(default_factory=dict)
     data: list[DataSource] = Field(min_length=1)
@@ -95,6 +96,16 @@ class TrainConfig(Strict):
                 "PIB (LoRA or the projector); drop feature_cache or freeze those parts"
             )
         return value
+
+    @model_validator(mode="after")
+    def _detect_backbone(self):
+        """A config may leave out ``backbone`` when ``model`` has a ``config.json`` whose
+        ``model_type`` one backbone registers (a :class:`UserError` says why not otherwise)."""
+        if self.backbone is None:
+            from mllm_pib.plugins import resolve_backbone
+
+            self.backbone = resolve_backbone(self.model)
+        return self
 
     def freeze_policy(self) -> FreezePolicy:
         return FreezePolicy.preset(self.freeze) if isinstance(self.freeze, str) else self.freeze
@@ -155,6 +166,8 @@ def load_config(path: str | Path, overrides: list[str] = (), model=TrainConfig):
         return model.model_validate(raw)
     except ValidationError as err:
         raise UserError(f"{path}: invalid config:\n{describe_errors(err, model)}") from None
+    except UserError as err:  # a check that needs more than the config, e.g. the model's backbone
+        raise UserError(f"{path}: {err}") from None
 
 
 def apply_override(raw: dict, override: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def pickle_files(model_path: str) -> list[Path]:
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COMMON_LOAD_OPTIONS = ("dtype", "device")
+NAME_IT = "--backbone NAME (in a config: backbone: NAME)"
 TINY_MODEL_OUTPUT = OutputKind(command="tiny-model", what="tiny model", writes=(), done="config.json")
 
 
@@ -200,6 +202,26 @@ class Registry:
                 f"Uninstall one of them, or block one with {DISABLE_ENV}=<entry point>."
             )
         raise UserError(self._unknown_message(name))
+
+    def for_model_type(self, model_type: str, where: str = "", how: str = "") -> RegisteredBackbone:
+        """The backbone whose spec claims ``model_type`` (transformers' ``config.json`` field).
+
+        ``where`` (a file) starts the messages and ``how`` says how the user names a backbone
+        instead. Raises a :class:`UserError` when no backbone or more than one claims it."""
+        claims = [entry for entry in self.backbones.values() if model_type in entry.spec.model_types]
+        prefix, how = (f"{where}: " if where else ""), how or NAME_IT
+        if not claims:
+            known = ", ".join(
+                f"{kind} ({entry.name})" for entry in self.backbones.values() for kind in entry.spec.model_types
+            )
+            raise UserError(
+                f"{prefix}model_type {model_type!r} is registered by no backbone (registered model types: "
+                f"{known or 'none'}); name the backbone with {how} (see `mllm-pib backbones`)"
+            )
+        if len(claims) > 1:
+            names = " and ".join(f"{entry.name!r} ({entry.plugin})" for entry in claims)
+            raise UserError(f"{prefix}model_type {model_type!r} is claimed by backbones {names}; choose one with {how}")
+        return claims[0]
 
     def _unknown_message(self, name: str) -> str:
         known = sorted(self.backbones)
@@ -254,6 +276,10 @@ def _check_specs(result: Any) -> list[BackboneSpec]:
             raise _PluginFailure(f"{where} has an invalid name {spec.name!r}")
         if not callable(spec.load):
             raise _PluginFailure(f"{where} ({spec.name!r}) has a load that is not callable")
+        if not isinstance(spec.model_types, (tuple, list)) or not all(
+            isinstance(kind, str) and kind for kind in spec.model_types
+        ):
+            raise _PluginFailure(f"{where} ({spec.name!r}) has model_types {spec.model_types!r}, expected a tuple of names")
         if spec.name in seen:
             raise _PluginFailure(f"{where} repeats the backbone name {spec.name!r}")
         seen.add(spec.name)
@@ -337,6 +363,33 @@ def get_backbone(name: str) -> RegisteredBackbone:
             available ones), or two plugins claim it (the message names both distributions).
     """
     return load_registry().get(name)
+
+
+def resolve_backbone(model_path: str | os.PathLike | None, backbone: str | None = None,
+                     how: str = NAME_IT) -> str:
+    """The backbone name to load ``model_path`` with: ``backbone`` when given (the user's word
+    wins), else the backbone that registers the ``model_type`` of ``model_path/config.json``.
+
+    Raises:
+        UserError: no ``backbone`` and no readable ``config.json`` with a ``model_type``, or a
+            ``model_type`` that no backbone or several backbones register (see
+            :meth:`Registry.for_model_type`); ``how`` says how to name the backbone instead.
+    """
+    if backbone:
+        return backbone
+    if not model_path:
+        raise UserError(f"no model path to detect the backbone from; name the backbone with {how}")
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        raise UserError(f"{model_path}: no config.json to detect the backbone from; "
+                        f"name the backbone with {how} (see `mllm-pib backbones`)")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise UserError(f"{config}: not a JSON object ({err}); name the backbone with {how}") from None
+    if not isinstance(model_type, str) or not model_type:
+        raise UserError(f"{config}: no model_type to detect the backbone from; name the backbone with {how}")
+    return load_registry().for_model_type(model_type, where=str(config), how=how).name
 
 
 def list_backbones() -> list[RegisteredBackbone]:

@@ -17,9 +17,14 @@ class BackboneSpec:
             (for example ``feature="clip"``), listed in :attr:`options`; every ``load`` also
             accepts ``dtype`` and ``device``.
         options: option name -> one-line help, for ``mllm-pib backbones`` and config errors.
+            Declare ``feature``: a PIB checkpoint records the backbone's ``feature`` and is
+            reloaded (``generate``, ``eval``, ``export``) with ``load(..., feature=...)``.
         write_tiny: optional ``write_tiny(out_dir, seed=0, **options)`` that writes a tiny random
             checkpoint in the backbone's published layout, with a locally trained tokenizer,
             loadable by ``load(out_dir)``; used by tests, tiny configs and benchmarks.
+        model_types: the transformers ``model_type`` values (the ``config.json`` field) of the
+            checkpoints ``load`` reads; a command given ``--model DIR`` without ``--backbone``
+            picks the backbone that claims the ``model_type`` of ``DIR/config.json``.
     """
 
     name: str
@@ -27,3 +32,4 @@ class BackboneSpec:
     load: Callable[..., Any]
     options: dict[str, str] = field(default_factory=dict)
     write_tiny: Callable[..., None] | None = None
+    model_types: tuple[str, ...] = ()

@@ -27,6 +27,7 @@ from mllm_pib.plugins import (
     list_backbones,
     load_registry,
     reset_registry,
+    resolve_backbone,
 )
 
 # entry points installed in the environment, blocked so that only the test plugins count
@@ -59,6 +60,7 @@ def mllm_pib_register_backbones():
             load=load,
             options={"feature": "which vision features the block reads", "layer": "decoder layer"},
             write_tiny=write_tiny,
+            model_types=("pibtest_alpha", "pibtest_alpha_v2"),
         ),
     ]
 '''
@@ -87,6 +89,15 @@ from mllm_pib import hookimpl
 @hookimpl
 def mllm_pib_register_backbones():
     return [{"name": "pibtest-dict", "load": print}]
+'''
+
+BAD_MODEL_TYPES_PLUGIN = '''
+from mllm_pib import BackboneSpec, hookimpl
+
+
+@hookimpl
+def mllm_pib_register_backbones():
+    return [BackboneSpec(name="pibtest-bad-types", description="one string", load=print, model_types="llava")]
 '''
 
 MISSPELT_HOOK_PLUGIN = '''
@@ -133,6 +144,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_distribution(site, "pibtest-blocked", "1.0", "pibtest_blocked", BLOCKED_PLUGIN)
     write_distribution(site, "pibtest-not-a-spec", "1.0", "pibtest_not_a_spec", NOT_A_SPEC_PLUGIN)
     write_distribution(site, "pibtest-misspelt", "1.0", "pibtest_misspelt", MISSPELT_HOOK_PLUGIN)
+    write_distribution(site, "pibtest-bad-types", "1.0", "pibtest_bad_types", BAD_MODEL_TYPES_PLUGIN)
     both = claiming_plugin("pibtest-shared", "pibtest-only-a")
     write_distribution(site, "pibtest-dup-a", "1.0", "pibtest_dup_a", both)
     write_distribution(site, "pibtest-dup-b", "4.2", "pibtest_dup_b", claiming_plugin("pibtest-shared"))
@@ -163,11 +175,12 @@ def test_backbones_json_isolates_broken_plugins(site: Path) -> None:
     feature_help = {"feature": "which vision features the block reads", "layer": "decoder layer"}
     assert document["backbones"] == [
         {"name": "pibtest-alpha", "distribution": "pibtest-good", "version": "1.0",
-         "description": "Alpha test backbone", "options": feature_help},
+         "description": "Alpha test backbone", "options": feature_help,
+         "model_types": ["pibtest_alpha", "pibtest_alpha_v2"]},
         {"name": "pibtest-beta", "distribution": "pibtest-good", "version": "1.0",
-         "description": "Beta test backbone", "options": {}},
+         "description": "Beta test backbone", "options": {}, "model_types": []},
         {"name": "pibtest-only-a", "distribution": "pibtest-dup-a", "version": "1.0",
-         "description": "claims pibtest-only-a", "options": {}},
+         "description": "claims pibtest-only-a", "options": {}, "model_types": []},
     ]
     errors = {(err["distribution"], err["entry_point"]): err["error"] for err in document["errors"]}
     assert set(errors) == {
@@ -175,6 +188,7 @@ def test_backbones_json_isolates_broken_plugins(site: Path) -> None:
         ("pibtest-raises", "pibtest_raises"),
         ("pibtest-not-a-spec", "pibtest_not_a_spec"),
         ("pibtest-misspelt", "pibtest_misspelt"),
+        ("pibtest-bad-types", "pibtest_bad_types"),
         ("pibtest-dup-a", "pibtest_dup_a"),
         ("pibtest-dup-b", "pibtest_dup_b"),
     }
@@ -183,6 +197,7 @@ def test_backbones_json_isolates_broken_plugins(site: Path) -> None:
     assert "RuntimeError: hook exploded" in errors["pibtest-raises", "pibtest_raises"]
     assert "item 0 is a dict" in errors["pibtest-not-a-spec", "pibtest_not_a_spec"]
     assert "mllm_pib_register_backbone'" in errors["pibtest-misspelt", "pibtest_misspelt"]
+    assert "model_types 'llava', expected a tuple of names" in errors["pibtest-bad-types", "pibtest_bad_types"]
     assert "'pibtest-shared'" in errors["pibtest-dup-a", "pibtest_dup_a"]
     assert "pibtest-dup-b" in errors["pibtest-dup-a", "pibtest_dup_a"]
     assert "pibtest-dup-a" in errors["pibtest-dup-b", "pibtest_dup_b"]
@@ -197,18 +212,20 @@ def test_backbones_table_warns_on_stderr(site: Path) -> None:
     assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
     alpha = next(i for i, line in enumerate(lines) if line.startswith("pibtest-alpha "))
     assert lines[alpha].split() == ["pibtest-alpha", "pibtest-good", "1.0", "Alpha", "test", "backbone"]
-    assert lines[alpha + 1 : alpha + 3] == [
+    assert lines[alpha + 1 : alpha + 4] == [
+        "    model types: pibtest_alpha, pibtest_alpha_v2",
         "    feature: which vision features the block reads",
         "    layer: decoder layer",
     ]
     # every row's columns start at the header's offsets
-    for line in lines[alpha], lines[alpha + 3]:
+    for line in lines[alpha], lines[alpha + 4]:
         assert line.index("pibtest-good") == lines[0].index("DISTRIBUTION")
-    broken = ("pibtest-broken", "pibtest-raises", "pibtest-not-a-spec", "pibtest-misspelt", "pibtest-dup-b")
+    broken = ("pibtest-broken", "pibtest-raises", "pibtest-not-a-spec", "pibtest-misspelt", "pibtest-bad-types",
+              "pibtest-dup-b")
     for name in broken:
         assert name not in result.stdout
         assert name in result.stderr
-    assert result.stderr.startswith("warning: 6 plugin problem(s)")
+    assert result.stderr.startswith("warning: 7 plugin problem(s)")
     prefix = "note: blocked by MLLM_PIB_DISABLE_PLUGINS: "
     note = next(line for line in result.stderr.splitlines() if line.startswith(prefix))
     assert "distribution 'pibtest-blocked' 1.0 (entry point 'pibtest_blocked')" in note
@@ -296,3 +313,21 @@ def test_help_does_not_import_torch() -> None:
     report = json.loads(result.stdout)
     assert report["heavy"] == []
     assert "--json" in report["help"]
+
+
+@pytest.mark.usefixtures("registry_env")
+def test_model_type_lookup(tmp_path: Path) -> None:
+    registry = load_registry()
+    assert registry.for_model_type("pibtest_alpha_v2").name == "pibtest-alpha"
+    with pytest.raises(UserError) as info:
+        registry.for_model_type("llava", where="m/config.json")
+    assert str(info.value).startswith(
+        "m/config.json: model_type 'llava' is registered by no backbone (registered model types: "
+        "pibtest_alpha (pibtest-alpha), pibtest_alpha_v2 (pibtest-alpha)); name the backbone with --backbone NAME"
+    )
+    (tmp_path / "config.json").write_text('{"model_type": "pibtest_alpha"}')
+    assert resolve_backbone(str(tmp_path)) == "pibtest-alpha"
+    assert resolve_backbone(str(tmp_path), "pibtest-beta") == "pibtest-beta"
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"config.json: not a JSON object"):
+        resolve_backbone(str(tmp_path))

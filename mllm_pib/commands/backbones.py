@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="list the installed backbones and their plugins",
         description=(
             "List the backbones provided by the installed plugins (entry-point group "
-            "'mllm_pib'), with their options. Plugins that fail to load are reported and "
+            "'mllm_pib'), with the transformers model types they load (commands given --model "
+            "without --backbone pick the backbone by its config.json model_type) and their options. Plugins that fail to load are reported and "
             "skipped; MLLM_PIB_DISABLE_PLUGINS=a,b blocks plugins by entry-point name."
         ),
     )
@@ -41,6 +42,7 @@ def report(registry: "Registry") -> dict[str, Any]:
                 "version": entry.version,
                 "description": entry.spec.description,
                 "options": dict(entry.spec.options),
+                "model_types": list(entry.spec.model_types),
             }
             for entry in registry.backbones.values()
         ],
@@ -59,7 +61,7 @@ def report(registry: "Registry") -> dict[str, Any]:
 
 
 def format_table(registry: "Registry") -> str:
-    """One row per backbone, its options (``name: help``) indented below it."""
+    """One row per backbone, its model types and options (``name: help``) indented below it."""
     entries = list(registry.backbones.values())
     if not entries:
         return "no backbones installed; install a backbone plugin, for example `pip install -e plugins/llava`"
@@ -72,6 +74,8 @@ def format_table(registry: "Registry") -> str:
     lines = [line(COLUMNS)]
     for entry, row in zip(entries, rows[1:]):
         lines.append(line(row))
+        if entry.spec.model_types:
+            lines.append(f"    model types: {', '.join(entry.spec.model_types)}")
         lines.extend(f"    {option}: {text}" for option, text in entry.spec.options.items())
     return "\n".join(lines)
 

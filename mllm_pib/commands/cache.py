@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         "cache appears in the output folder whole or not at all.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="the training config whose data to cache")
-    parser.add_argument("--backbone", help="backbone name (default: the config's `backbone`)")
+    parser.add_argument("--backbone", help="backbone name (default: the config's `backbone`, else the backbone "
+                        "registering the model_type of the config's model/config.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value")
     add_output_arguments(parser, "the cache")

@@ -12,7 +12,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--backbone/--model/--pib and loading options (dtype, device)."""
-    parser.add_argument("--backbone", required=required, help="backbone name (see `mllm-pib backbones`)")
+    parser.add_argument("--backbone", help="backbone name (see `mllm-pib backbones`; default: the PIB's, else the "
+                                           "backbone registering the model_type of --model's config.json)")
     parser.add_argument("--model", required=required, metavar="PATH",
                         help="base model directory, or an exported model (base + PIB, see `mllm-pib export`)")
     parser.add_argument("--pib", metavar="CKPT", help="PIB checkpoint directory (default: none, the base model)")

@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
         "Ctrl-C stops the run and prints the command that resumes it.",
     )
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML training config (see configs/)")
-    parser.add_argument("--backbone", help="backbone name (default: the config's `backbone`)")
+    parser.add_argument("--backbone", help="backbone name (default: the config's `backbone`, else the backbone "
+                        "registering the model_type of the config's model/config.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set loss.beta=0.2 --set training.max_steps=10")
     parser.add_argument("--out", "--output-dir", dest="output_dir", metavar="DIR",

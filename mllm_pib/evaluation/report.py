@@ -30,7 +30,8 @@ class Strict(BaseModel):
 
 class ModelEntry(Strict):
     name: str
-    backbone: str
+    backbone: str | None = Field(default=None, description="default: the PIB's, else the one registering the "
+                                 "model_type of model/config.json")
     model: str
     pib: str | None = None
     allow_base_mismatch: bool = Field(default=False, description="load the PIB onto a base other than its own")
@@ -97,7 +98,7 @@ def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
         model = load_model(entry.model, backbone=entry.backbone, pib=entry.pib,
                            allow_base_mismatch=entry.allow_base_mismatch, **entry.options)
         report["models"][entry.name] = {
-            "backbone": entry.backbone, "model": entry.model, "pib": entry.pib,
+            "backbone": model.backbone.name, "model": entry.model, "pib": entry.pib,
             **evaluate_model(model, config, out / entry.name, chair_inputs, overwrite),
         }
         del model
@@ -110,6 +111,7 @@ def run_suite(config: EvalRunConfig, overwrite: bool = False) -> dict:
 def check_inputs(config: EvalRunConfig) -> ChairInputs | None:
     """Check every model entry and load every benchmark input before any model runs, so a bad
     path or record fails at once; returns the CHAIR inputs (read once for all models)."""
+    from mllm_pib.checkpoint import backbone_name
     from mllm_pib.evaluation.suite import check_shr_inputs, load_chair_inputs, load_pope_sets
     from mllm_pib.plugins import get_backbone
 
@@ -117,9 +119,9 @@ def check_inputs(config: EvalRunConfig) -> ChairInputs | None:
     if len(set(names)) != len(names):
         raise UserError(f"eval run: model names must be unique, got {names}")
     for entry in config.models:
-        get_backbone(entry.backbone)
         if entry.pib is not None and not Path(entry.pib).is_dir():
             raise UserError(f"eval run: model {entry.name!r}: PIB checkpoint {entry.pib} not found")
+        get_backbone(backbone_name(entry.model, entry.backbone, entry.pib))
     if config.pope:
         load_pope_sets(config.pope.questions, config.pope.images, config.pope.labels, config.allow_outside_images)
     if config.shr:

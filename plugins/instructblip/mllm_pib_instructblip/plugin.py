@@ -34,5 +34,6 @@ def mllm_pib_register_backbones():
                 "vit_path": "LAVIS .pth without visual_encoder.* weights: eva_vit_g.pth",
             },
             write_tiny=_write_tiny,
+            model_types=("instructblip",),  # the transformers layout; a LAVIS .pth has no config.json
         )
     ]

@@ -1,10 +1,10 @@
-"""InstructBLIP backbone: the contract pieces against the plain transformers model, the LAVIS
-layout against the transformers one, the processor, and loading errors."""
+"""InstructBLIP backbone: the contract pieces on processor inputs and generation against the plain
+transformers model, the LAVIS layout against the transformers one, the processor, and loading
+errors. The backbone contract itself is checked by test_instructblip_contract.py (the kit)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shutil
@@ -139,24 +139,6 @@ def test_contract_matches_plain_model(backbone, plain, processor, images):
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
 
 
-def test_contract_batched_left_padding(backbone, plain, images):
-    rows = [backbone.prompt_ids(q) + backbone.answer_ids(a) for q, a in zip(QUESTIONS, ANSWERS)]
-    assert len(rows[0]) != len(rows[1])
-    ids, mask = left_pad(rows, backbone.pad_token_id)
-    vision_inputs = backbone.preprocess(images, QUESTIONS)
-    ours = contract_logits(backbone, ids, mask, vision_inputs)
-    # the plain forward counts positions from the first column; give it the real ones
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    theirs = plain_logits(plain, vision_inputs, ids, mask, position_ids=positions)
-    real = mask.bool()
-    torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=0)
-    # each row alone, unpadded (its own image and Q-Former text), gives the same logits
-    for i, row in enumerate(rows):
-        single = backbone.preprocess(images[i : i + 1], QUESTIONS[i : i + 1])
-        alone = plain_logits(plain, single, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
-        torch.testing.assert_close(ours[i, -len(row) :], alone[0], atol=ATOL, rtol=0)
-
-
 @pytest.mark.parametrize("feature", ["vit", "qformer"])
 def test_vision_features(tiny_dir, plain, images, feature):
     bb = load(str(tiny_dir), feature=feature)
@@ -277,21 +259,9 @@ def test_wrong_image_token_count_is_detected(backbone, images):
         )
 
 
-def test_parts_cover_every_weight_once(backbone):
-    owners = {}
-    for part, module in backbone.parts().items():
-        for param in module.parameters():
-            assert id(param) not in owners, f"{part} shares a weight with {owners.get(id(param))}"
-            owners[id(param)] = part
-    assert set(owners) == {id(p) for p in backbone.parameters()}
-    assert id(backbone.model.query_tokens) in owners and owners[id(backbone.model.query_tokens)] == "qformer"
-
-
-def test_save_pretrained_round_trip(backbone, tmp_path):
-    backbone.save_pretrained(str(tmp_path / "copy"))
-    again = load(str(tmp_path / "copy"), feature="qformer")
-    assert again.fingerprint() == backbone.fingerprint()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+def test_query_tokens_belong_to_the_qformer_part(backbone):
+    qformer = backbone.parts()["qformer"]
+    assert any(param is backbone.model.query_tokens for param in qformer.parameters())
 
 
 def _batch(backbone, images):
@@ -409,14 +379,3 @@ def test_load_errors(tiny_dir, tmp_path):
         load(str(tmp_path))
     with pytest.raises(UserError, match="only apply to LAVIS"):
         load(str(tiny_dir), llm_path=str(tmp_path))
-
-
-def test_registry_loads_the_backbone(tiny_dir):
-    if importlib.util.find_spec("mllm_pib.plugins") is None:
-        pytest.skip("mllm_pib.plugins is not part of this checkout")
-    from mllm_pib.plugins import get_backbone
-
-    registered = get_backbone("instructblip")
-    assert registered.distribution == "mllm-pib-instructblip"
-    bb = registered.spec.load(str(tiny_dir), feature="qformer")
-    assert isinstance(bb, InstructBlipBackbone) and bb.feature == "qformer"

@@ -33,5 +33,8 @@ def mllm_pib_register_backbones():
                 "tokenizer": "tiny models only: llama (default, shaped like Vicuna's) | byte-level (the demo world's)",
             },
             write_tiny=_write_tiny,
+            # llava-hf's config.json, and the original layout's (LLaVA's LlavaConfig saves llava_llama;
+            # the published llava-v1.5 checkpoints say llava)
+            model_types=("llava", "llava_llama"),
         )
     ]

@@ -40,5 +40,6 @@ def mllm_pib_register_backbones():
             load=load,
             options=OPTIONS,
             write_tiny=write_tiny,
+            model_types=("minigpt4",),  # the directory save_pretrained writes; the pieces have no config.json of their own
         )
     ]

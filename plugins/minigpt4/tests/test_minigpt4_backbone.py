@@ -1,4 +1,5 @@
-"""MiniGPT-4 backbone: the contract pieces against the plain model, features, persistence, assembly."""
+"""MiniGPT-4 backbone: the decoder input against MiniGPT-4's, features, persistence, assembly from
+the published pieces. The backbone contract itself is checked by test_minigpt4_contract.py (the kit)."""
 
 from __future__ import annotations
 
@@ -70,27 +71,7 @@ def backbones(tiny_dirs):
     return {variant: load(path) for variant, path in tiny_dirs.items()}
 
 
-# --- the key property: contract pieces == the plain model ------------------------------------
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_pieces_equal_plain_model_left_padded(backbones, variant):
-    backbone = backbones[variant]
-    inputs, ids, mask = batch(backbone)
-    assert (mask == 0).any(), "the two rows must differ in length"
-    with torch.no_grad():
-        ours = contract_logits(backbone, inputs, ids, mask)
-        plain = backbone.model(**inputs, input_ids=ids, attention_mask=mask).logits
-        real = mask.bool()
-        torch.testing.assert_close(ours[real], plain[real], atol=ATOL, rtol=0)
-        # Left padding changes nothing: each row equals the same prompt run alone.
-        for row in range(ids.shape[0]):
-            alone = ids[row][real[row]].unsqueeze(0)
-            single = backbone.model(
-                pixel_values=inputs["pixel_values"][row : row + 1], input_ids=alone,
-                attention_mask=torch.ones_like(alone),
-            ).logits
-            torch.testing.assert_close(ours[row][real[row]], single[0], atol=ATOL, rtol=0)
+# --- the decoder input equals MiniGPT-4's segment concatenation ----------------------------------
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -188,24 +169,13 @@ def test_save_load_round_trip(backbones, tmp_path, variant):
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(theirs[name], ours[name], atol=0, rtol=0)
-    assert again.prompt_ids(QUESTIONS[0]) == backbone.prompt_ids(QUESTIONS[0])
-    assert again.fingerprint() == backbone.fingerprint()
-    inputs, ids, mask = batch(backbone)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            contract_logits(again, inputs, ids, mask), contract_logits(backbone, inputs, ids, mask)
-        )
 
 
-def test_registered_through_the_entry_point(tmp_path):
+def test_registered_through_the_entry_point():
     (entry,) = [e for e in importlib.metadata.entry_points(group="mllm_pib") if e.name == "minigpt4"]
     assert entry.value == "mllm_pib_minigpt4.plugin"
     registered = get_backbone("minigpt4")
     assert {"feature", "variant", "blip2_path", "proj_path", "llm_path"} <= set(registered.spec.options)
-    registered.write_tiny(str(tmp_path / "tiny"), seed=3, variant="llama2")
-    backbone = registered.load(str(tmp_path / "tiny"), feature="projected", dtype="float32")
-    assert backbone.name == "minigpt4" and backbone.variant == "llama2"
-    assert backbone.pib_vision_size == backbone.hidden_size == 64
 
 
 # --- assembly from the published pieces ----------------------------------------------------------
