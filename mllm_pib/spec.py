@@ -20,6 +20,8 @@ class BackboneSpec:
         write_tiny: optional ``write_tiny(out_dir, seed=0, **options)`` that writes a tiny random
             checkpoint in the backbone's published layout, with a locally trained tokenizer,
             loadable by ``load(out_dir)``; used by tests, tiny configs and benchmarks.
+        model_types: the transformers ``model_type`` values (``config.json``) of the checkpoints
+            this backbone loads.
     """
 
     name: str
@@ -27,3 +29,4 @@ class BackboneSpec:
     load: Callable[..., Any]
     options: dict[str, str] = field(default_factory=dict)
     write_tiny: Callable[..., None] | None = None
+    model_types: tuple[str, ...] = ()
