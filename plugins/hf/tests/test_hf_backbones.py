@@ -218,3 +218,32 @@ def test_gemma3_image_tokens_attend_both_ways(built):
     assert torch.allclose(logits, backbone.model(**alone).logits, atol=1e-4)
     assert not torch.allclose(logits, causal, atol=1e-2)
     assert not backbone.packs_pairs
+
+
+@torch.no_grad()
+def test_pairs_of_images_with_different_token_counts_score_as_each_alone(tiny):
+    """Shared-prefix (packed) and whole-row scoring of a pair batch whose images give different
+    numbers of visual tokens equal the scores of each pair run alone."""
+    from mllm_pib.data.dataset import pad
+
+    _, _, backbone = tiny
+    model = PIBModel(backbone, pib_config={"num_heads": 4, "intermediate_size": 64})
+    gates = {key: torch.full_like(value, 0.8) for key, value in model.pib.state_dict().items() if key.endswith("gate")}
+    model.pib.load_state_dict(gates, strict=False)
+
+    def batch(images, questions, chosen, rejected):
+        prompt_ids, prompt_mask = pad([backbone.prompt_ids(q, i) for q, i in zip(questions, images)],
+                                      backbone.pad_token_id, "left")
+        answer_ids, answer_mask = pad([backbone.answer_ids(a) for a in chosen + rejected], backbone.pad_token_id, "right")
+        return {"vision_inputs": backbone.preprocess(images), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "answer_ids": answer_ids, "answer_mask": answer_mask, "pair_ids": list(questions)}
+
+    both = batch(pictures(), QUESTIONS, ANSWERS, ["No.", "A dog."])
+    for shared_prefix in (True, False):
+        policy, reference = model.answer_logps(both, shared_prefix=shared_prefix)
+        for i, image in enumerate(pictures()):
+            alone = batch([image], QUESTIONS[i:i + 1], ANSWERS[i:i + 1], [["No.", "A dog."][i]])
+            one_policy, one_reference = model.answer_logps(alone, shared_prefix=False)
+            assert torch.allclose(policy.logps[[i, 2 + i]], one_policy.logps, atol=1e-4)
+            assert torch.allclose(reference.logps[[i, 2 + i]], one_reference.logps, atol=1e-4)
+    assert not torch.allclose(policy.logps, reference.logps, atol=1e-3)  # the block is not the identity
