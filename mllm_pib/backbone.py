@@ -9,10 +9,12 @@ goes: everything up to and including the decoder's final norm (``encode_vision``
                                  image_mask=input_ids == backbone.image_token_id).hidden
     logits = backbone.lm_head(pib(hidden, vision.pib, vision.pib_mask))
 
-All three published backbones put their visual tokens into the LLM input the same way: the
-prompt holds one placeholder token per visual token and the decoder input embeddings at those
-positions are replaced by the visual embeddings. :class:`DecoderBackbone` implements that once;
-a plugin only supplies the pieces that differ (vision encoder, template, processor).
+Every built-in backbone puts its visual tokens into the LLM input the same way: the prompt
+holds one placeholder token per visual token and the decoder input embeddings at those positions
+are replaced by the visual embeddings (an image may give its own number of them: anyres tiles,
+dynamic resolution). :class:`DecoderBackbone` implements that once; a plugin only supplies the
+pieces that differ (vision encoder, template, processor). Models that publish a chat template
+and a processor build on :class:`mllm_pib.processor_backbone.ProcessorBackbone`.
 """
 
 from __future__ import annotations
