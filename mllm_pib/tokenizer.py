@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -128,3 +128,83 @@ def train_llama_tokenizer(
 def _lines(text: str) -> list[str]:
     first, *rest = text.split("\n")
     return [" " + first, *rest]
+
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_qwen2_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    extra_special_tokens: Iterable[str] = (),
+    padding_side: str = "left",
+):
+    """A ``Qwen2Tokenizer`` over a byte-level BPE vocabulary trained on ``corpus``, laid out as
+    Qwen2-Instruct's: the trained pieces (Qwen2's pre-tokenizer regex, then byte-level), then
+    ``<|endoftext|>`` ``<|im_start|>`` ``<|im_end|>``, then ``extra_special_tokens`` (the
+    vision tokens a VLM adds); no BOS, no unknown token, EOS ``<|im_end|>``, padding
+    ``<|endoftext|>``. ``vocab_size`` counts the trained pieces only."""
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    model.train_from_iterator(list(corpus), trainer=trainer)
+    trained = json.loads(model.to_str())["model"]
+    vocab = dict(sorted(trained["vocab"].items(), key=lambda item: item[1]))
+    for token in QWEN2_SPECIALS:
+        vocab[token] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side=padding_side,
+        extra_special_tokens=[QWEN2_SPECIALS[1], *extra_special_tokens],
+    )
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+
+
+def train_gemma_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    named_special_tokens: dict[str, str] | None = None,
+    padding_side: str = "left",
+):
+    """A ``GemmaTokenizer`` over a BPE vocabulary trained on ``corpus``, laid out as Gemma 3's:
+    ``<pad>`` ``<eos>`` ``<bos>`` ``<unk>`` ``<mask>`` 0-4, the turn markers, the 256 byte tokens
+    (byte fallback), the trained pieces (spaces are ``▁`` and belong to the word they precede,
+    no dummy prefix; newlines are pieces of their own), then ``named_special_tokens``
+    (attribute name -> token, e.g. ``{"image_token": "<image_soft_token>"}``), which become the
+    tokenizer's attributes as Gemma 3's processor reads them. BOS is added to every text, as
+    published. ``vocab_size`` counts every token but the named ones."""
+    from transformers import GemmaTokenizer
+
+    reserved = len(GEMMA_SPECIALS) + len(BYTE_TOKENS)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must exceed the {reserved} special and byte tokens, got {vocab_size}")
+    model = Tokenizer(models.BPE(byte_fallback=True))
+    model.normalizer = normalizers.Replace(" ", "▁")
+    model.pre_tokenizer = pre_tokenizers.Split(Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁\n]+|\n+|▁+"), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False)
+    model.train_from_iterator(list(corpus), trainer=trainer)
+    trained = json.loads(model.to_str())["model"]
+    vocab = {token: index for index, token in enumerate([*GEMMA_SPECIALS, *BYTE_TOKENS])}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    named = dict(named_special_tokens or {})
+    for token in named.values():
+        vocab[token] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, padding_side=padding_side, add_bos_token=True,
+                               extra_special_tokens=named or None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA_SPECIALS[5:])})
+    return tokenizer

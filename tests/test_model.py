@@ -47,7 +47,7 @@ def test_stop_callback_ends_rows(model):
 def test_score_answers_equals_full_logits(model):
     set_gates(model)
     bb = model.backbone
-    prompt, answer = bb.prompt_ids(QUESTIONS[0]), bb.answer_ids("Yes, there is a cat.")
+    prompt, answer = bb.prompt_ids(QUESTIONS[0], images()[0]), bb.answer_ids("Yes, there is a cat.")
     ids = torch.tensor([prompt + answer])
     mask = torch.ones_like(ids)
     labels = torch.full_like(ids, -100)
@@ -78,7 +78,7 @@ class FullForward:
 
     def __init__(self, model, image, question):
         self.model, bb = model, model.backbone
-        self.prompt = bb.prompt_ids(question)
+        self.prompt = bb.prompt_ids(question, image)
         self.vision = bb.encode_vision(**bb.preprocess([image], [question]))
 
     def __call__(self, rows: list[list[int]]) -> torch.Tensor:

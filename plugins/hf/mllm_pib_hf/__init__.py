@@ -1,0 +1,1 @@
+"""Backbones for mllm-pib built on transformers' own VLM classes and processors."""

@@ -1,0 +1,49 @@
+"""Registers this distribution's backbones with mllm-pib (imports no model code)."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from mllm_pib.hookspecs import hookimpl
+from mllm_pib.spec import BackboneSpec
+
+TINY_OPTIONS = {
+    "corpus": "tiny models only: texts the tokenizer is trained on",
+    "vocab_size": "tiny models only: trained tokenizer size",
+}
+# name -> (description, feature option help, extra tiny options)
+BACKBONES = {
+    "llava_next": (
+        "LLaVA-NeXT / LLaVA-1.6 (CLIP anyres tiles + image_newline + Mistral), llava-hf layout",
+        "clip (layer -2 patches of every tile, CLS dropped; default) | projector",
+        {"legacy": "tiny models only: the Llama tokenizer's legacy setting (default true)"},
+    ),
+    "llava_onevision": (
+        "LLaVA-OneVision (SigLIP anyres_max_9 tiles + image_newline + Qwen2), llava-hf layout",
+        "siglip (last-layer patches of every tile; default) | projector",
+        {},
+    ),
+    "gemma3": (
+        "Gemma 3 (SigLIP 896 px pooled to 256 tokens, bidirectional over the image), Google layout",
+        "siglip (tower output, 4096 patches; default) | projector (the 256 tokens)",
+        {},
+    ),
+}
+
+
+def _lazy(module: str, function: str):
+    def call(*args, **kwargs):
+        return getattr(import_module(f"mllm_pib_hf.{module}"), function)(*args, **kwargs)
+    return call
+
+
+@hookimpl
+def mllm_pib_register_backbones():
+    return [
+        BackboneSpec(
+            name=name, description=description, load=_lazy(name, "load"),
+            options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **tiny},
+            write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
+        )
+        for name, (description, feature, tiny) in BACKBONES.items()
+    ]
