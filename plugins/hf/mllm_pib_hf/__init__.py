@@ -1,0 +1,1 @@
+"""Current open vision-language models from transformers as mllm-pib backbones."""

@@ -1,0 +1,82 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints in the published layout: the real config and
+model classes at toy sizes, the published chat template, a Qwen2-layout tokenizer trained here
+and an image processor whose pixel bounds keep images at a few visual tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from mllm_pib.tokenizer import DEFAULT_CORPUS
+from mllm_pib_hf.qwen2_vl import VARIANTS, images_only_processor, save_processor
+from mllm_pib_hf.qwen_tokenizer import train_qwen2_tokenizer
+
+# The chat template both instruct checkpoints publish (chat_template.json), verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+PATCH, MERGE = 14, 2  # as published: a visual token is 2 x 2 patches of 14 px
+MIN_PIXELS, MAX_PIXELS = (2 * PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 4 .. 16 visual tokens
+
+
+def tiny_processor(variant: str, corpus: Iterable[str], vocab_size: int = 512):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=vocab_size)
+    images = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE)
+    return images_only_processor(VARIANTS[variant], images, tokenizer, CHAT_TEMPLATE)
+
+
+def tiny_config(variant: str, tokenizer, *, hidden: int = 64, vision_hidden: int = 32, layers: int = 2, heads: int = 4):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    half = hidden // heads // 2  # rotary frequencies per head, split over (t, h, w) as the 7B's 16/24/24 of 64
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                         "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]},
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(depth=layers, num_heads=heads, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2)
+    if variant == "qwen2_5_vl":
+        # windows of 2 x 2 visual tokens, full attention in the last block, as the 7B's every 8th
+        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=2 * vision_hidden,
+                      window_size=2 * PATCH * MERGE, fullatt_block_indexes=[layers - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, variant: str = "qwen2_vl",
+               vocab_size: int = 512, **sizes) -> None:
+    """Write a tiny random ``Qwen2VLForConditionalGeneration`` (``variant="qwen2_vl"``) or
+    ``Qwen2_5_VLForConditionalGeneration`` (``"qwen2_5_vl"``) and its processor to ``out_dir``."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    processor = tiny_processor(variant, corpus, vocab_size)
+    tokenizer = processor.tokenizer
+    config = tiny_config(variant, tokenizer, **sizes)
+    torch.manual_seed(seed)
+    model_class = Qwen2_5_VLForConditionalGeneration if variant == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = model_class(config).eval()
+    # the instruct checkpoints end a turn at <|im_end|> or <|endoftext|>
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir)
+    save_processor(processor, out_dir)
