@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
@@ -33,11 +33,20 @@ from mllm_pib.spec import BackboneSpec  # noqa: F401  (re-exported: plugins impo
 class VisionFeatures:
     """What one batch of images gives the model.
 
+    Images of one batch may give different numbers of tokens (anyres tiles, dynamic
+    resolution, image splitting): the tensors are then padded to the batch's largest count and
+    a mask says which entries are real.
+
     Attributes:
         pib: ``[B, N, Dv]`` the features the post-interaction block attends to.
         llm: ``[B, M, H]`` the visual token embeddings placed into the LLM input (``None`` when
             read back from a feature cache, where the LLM has already run).
         pib_mask: optional ``[B, N]`` bool mask of valid ``pib`` tokens (``None``: all valid).
+        llm_mask: optional ``[B, M]`` bool mask of valid ``llm`` embeddings (``None``: all
+            valid); image ``b``'s valid embeddings fill, in order, the placeholders of row ``b``.
+        extra: per-image tensors (first dimension ``B``) that the backbone's own
+            :meth:`Backbone.lm_forward` needs besides the embeddings (e.g. each image's patch grid
+            for 3-D rotary positions); mapped with the others.
         rows: optional ``[R]`` image index of each row of a text batch whose rows share images
             (a preference pair's two answers): the block then aligns and projects each image
             once (``vision_index`` of :class:`~mllm_pib.block.PostInteractionBlock`). ``None``:
@@ -48,11 +57,16 @@ class VisionFeatures:
     llm: torch.Tensor | None
     pib_mask: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    llm_mask: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "VisionFeatures":
         """Apply ``fn`` to every per-image tensor (indexing, repeating, moving); ``rows`` is kept."""
         keep = lambda t: None if t is None else fn(t)  # noqa: E731
-        return replace(self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask))
+        return replace(
+            self, pib=fn(self.pib), llm=keep(self.llm), pib_mask=keep(self.pib_mask), llm_mask=keep(self.llm_mask),
+            extra={name: fn(t) for name, t in self.extra.items()},
+        )
 
     def repeat_interleave(self, n: int) -> "VisionFeatures":
         """Fan each image out to ``n`` consecutive rows (several answers, beams)."""
@@ -119,8 +133,11 @@ class Backbone(nn.Module):
 
         Args:
             hidden: ``[B, T, H]`` input embeddings of the new tokens.
-            vision_feats: the images' features; their ``llm`` embeddings replace the positions
-                of ``image_mask``. ``None`` when the new tokens hold no placeholder (decoding).
+            vision_feats: the features of the rows' images (row ``b``: image ``b``); their valid
+                ``llm`` embeddings replace the positions of ``image_mask``. The core passes them on
+                every call for rows that have an image, decoding steps included (whose new tokens
+                hold no placeholder), so a backbone can derive positions from them (3-D rotary
+                positions from :attr:`VisionFeatures.extra`).
             attention_mask: ``[B, past + T]`` 1 for real tokens, 0 for padding; or, when
                 :attr:`packs_pairs`, a ``[B, 1, T, T]`` additive mask with ``position_ids``.
             cache: the decoder KV cache to extend (``None``: no cache kept).
@@ -147,9 +164,14 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     # --- template ---------------------------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, image: Any = None) -> list[int]:
         """Token ids of the full prompt up to where the answer starts, with the visual
-        placeholders expanded to their final count."""
+        placeholders expanded to their final count.
+
+        ``image``: the PIL image the prompt is about. The core passes it wherever it has it
+        (training data, generation, chat, feature-cache probe); a backbone whose visual-token
+        count depends on the image (anyres tiles, dynamic resolution, image splitting) needs it
+        and raises ``ValueError`` without it; a fixed-count backbone ignores it."""
         raise NotImplementedError
 
     def answer_ids(self, answer: str) -> list[int]:
@@ -314,7 +336,7 @@ class DecoderBackbone(Backbone):
     image_token: str
     num_image_tokens: int
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, image: Any = None) -> list[int]:
         text = self.template.prompt_text(question, self.image_token)
         return tokenize_around_image(self.tokenizer, text, self.image_token, self.image_token_id, self.num_image_tokens)
 
@@ -372,19 +394,36 @@ class DecoderBackbone(Backbone):
         return DynamicCache(config=self.decoder.config)
 
 
+def pad_visual(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ``[L_i, D]`` features -> ``[B, max L_i, D]`` zero-padded and the ``[B, max L_i]``
+    bool mask of the valid rows (for :attr:`VisionFeatures.llm_mask` / ``pib_mask``)."""
+    width = max(f.shape[0] for f in features)
+    padded = torch.stack([torch.nn.functional.pad(f, (0, 0, 0, width - f.shape[0])) for f in features])
+    lengths = torch.tensor([f.shape[0] for f in features], device=padded.device)
+    return padded, torch.arange(width, device=padded.device)[None] < lengths[:, None]
+
+
 def place_visual_tokens(
     hidden: torch.Tensor, vision_feats: VisionFeatures | None, image_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Replace the placeholder embeddings by the visual embeddings, row by row in order."""
+    """Replace the placeholder embeddings of row ``b`` by the valid visual embeddings of image
+    ``b`` (:attr:`VisionFeatures.llm_mask`), in order."""
     if vision_feats is None:
         raise ValueError("the input holds image placeholder tokens but no image features were given")
-    expected = vision_feats.llm.shape[0] * vision_feats.llm.shape[1]
-    found = int(image_mask.sum())
-    if found != expected:
+    llm = vision_feats.llm
+    valid = vision_feats.llm_mask
+    if valid is None:
+        valid = torch.ones(llm.shape[:2], dtype=torch.bool, device=llm.device)
+    valid = valid.to(device=image_mask.device, dtype=torch.bool)
+    if valid.shape[0] != image_mask.shape[0]:
+        raise ValueError(f"the input has {image_mask.shape[0]} rows but the image features {valid.shape[0]}")
+    found, expected = image_mask.sum(-1), valid.sum(-1)
+    wrong = (found != expected).nonzero().flatten().tolist()
+    if wrong:
+        b = wrong[0]
         raise ValueError(
-            f"the input holds {found} image placeholder tokens but the images give {expected} "
-            f"visual tokens ({vision_feats.llm.shape[1]} per image); the prompt template and the "
-            "vision encoder disagree"
+            f"row {b} of the input holds {int(found[b])} image placeholder tokens but its image gives "
+            f"{int(expected[b])} visual tokens; the prompt template and the vision encoder disagree"
         )
-    visual = vision_feats.llm.to(hidden.dtype).reshape(-1, hidden.shape[-1])
-    return hidden.masked_scatter(image_mask.unsqueeze(-1), visual)
+    visual = llm.to(hidden.dtype)[valid.to(llm.device)]
+    return hidden.masked_scatter(image_mask.unsqueeze(-1), visual.to(hidden.device))

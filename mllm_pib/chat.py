@@ -161,7 +161,7 @@ class Chat:
 
     def prompt_length(self, text: str) -> int:
         try:
-            return len(self.model.backbone.prompt_ids(text))
+            return len(self.model.backbone.prompt_ids(text, self.image))
         except ValueError as err:  # e.g. the text holds the template's image placeholder
             raise UserError(f"the prompt cannot be used: {err}") from None
 

@@ -291,7 +291,7 @@ class PIBModel(nn.Module):
     def prompt_batch(self, images: list, questions: list[str]) -> dict:
         """Left-padded prompts and vision inputs for :meth:`generate`."""
         bb = self.backbone
-        rows = [bb.prompt_ids(q) for q in questions]
+        rows = [bb.prompt_ids(q, image) for q, image in zip(questions, images, strict=True)]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), bb.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

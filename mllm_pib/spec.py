@@ -20,9 +20,8 @@ class BackboneSpec:
         write_tiny: optional ``write_tiny(out_dir, seed=0, **options)`` that writes a tiny random
             checkpoint in the backbone's published layout, with a locally trained tokenizer,
             loadable by ``load(out_dir)``; used by tests, tiny configs and benchmarks.
-        model_types: the transformers ``model_type`` values (the ``config.json`` field) of the
-            checkpoints ``load`` reads; a command given ``--model DIR`` without ``--backbone``
-            picks the backbone that claims the ``model_type`` of ``DIR/config.json``.
+        model_types: the transformers ``model_type`` values (``config.json``) of the checkpoints
+            this backbone loads.
     """
 
     name: str

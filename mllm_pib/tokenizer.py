@@ -128,3 +128,42 @@ def train_llama_tokenizer(
 def _lines(text: str) -> list[str]:
     first, *rest = text.split("\n")
     return [" " + first, *rest]
+
+
+QWEN2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_qwen2_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    extra_special_tokens: Iterable[str] = (),
+    padding_side: str = "left",
+):
+    """A ``Qwen2Tokenizer`` over a byte-level BPE vocabulary trained on ``corpus``, laid out as
+    Qwen2-Instruct's: the trained pieces (Qwen2's pre-tokenizer regex, then byte-level), then
+    ``<|endoftext|>`` ``<|im_start|>`` ``<|im_end|>``, then ``extra_special_tokens`` (the
+    vision tokens a VLM adds); no BOS, no unknown token, EOS ``<|im_end|>``, padding
+    ``<|endoftext|>``. ``vocab_size`` counts the trained pieces only."""
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    model.train_from_iterator(list(corpus), trainer=trainer)
+    trained = json.loads(model.to_str())["model"]
+    vocab = dict(sorted(trained["vocab"].items(), key=lambda item: item[1]))
+    for token in QWEN2_SPECIALS:
+        vocab[token] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side=padding_side,
+        extra_special_tokens=[QWEN2_SPECIALS[1], *extra_special_tokens],
+    )

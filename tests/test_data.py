@@ -119,7 +119,7 @@ class TinyTemplateBackbone:
     image_token_id = 99
     pad_token_id = 0
 
-    def prompt_ids(self, question):
+    def prompt_ids(self, question, image=None):
         return [1] + [99] * 4 + [len(w) for w in question.split()]
 
     def answer_ids(self, answer):

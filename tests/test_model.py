@@ -33,7 +33,7 @@ def model(request, tiny_model_dir):
 def reference_greedy(model, image, question, steps):
     """Greedy decoding written out independently: the base model, full recomputation."""
     bb = model.backbone
-    ids = torch.tensor([bb.prompt_ids(question)])
+    ids = torch.tensor([bb.prompt_ids(question, image)])
     vision = bb.encode_vision(**bb.preprocess([image], [question]))
     image_mask = ids == bb.image_token_id
     out = []
@@ -106,7 +106,7 @@ def test_stop_callback_ends_rows(model):
 def test_score_answers_equals_full_logits(model):
     set_gates(model)
     bb = model.backbone
-    prompt, answer = bb.prompt_ids(QUESTIONS[0]), bb.answer_ids("Yes, there is a cat.")
+    prompt, answer = bb.prompt_ids(QUESTIONS[0], images()[0]), bb.answer_ids("Yes, there is a cat.")
     ids = torch.tensor([prompt + answer])
     mask = torch.ones_like(ids)
     labels = torch.full_like(ids, -100)
@@ -137,7 +137,7 @@ class FullForward:
 
     def __init__(self, model, image, question):
         self.model, bb = model, model.backbone
-        self.prompt = bb.prompt_ids(question)
+        self.prompt = bb.prompt_ids(question, image)
         self.vision = bb.encode_vision(**bb.preprocess([image], [question]))
 
     def __call__(self, rows: list[list[int]]) -> torch.Tensor:

@@ -50,3 +50,32 @@ def test_text_stop_sequences_list_every_form_of_a_marker(tokenizer):
         assert tokenizer.decode(form).strip() == "###"
     glued = tokenizer("a dog.###", add_special_tokens=False).input_ids
     assert any(glued[-len(form):] == form for form in forms)
+
+
+def test_qwen2_tokenizer_is_laid_out_as_qwen2_instruct(tmp_path):
+    import regex
+
+    from mllm_pib.tokenizer import train_qwen2_tokenizer
+
+    tokenizer = train_qwen2_tokenizer(extra_special_tokens=["<image>", "<video>"])
+    trained = len(tokenizer) - 5
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]) == list(
+        range(trained, trained + 5))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (None, "<|im_end|>", "<|endoftext|>")
+    text = "<|im_start|>user\n<image>\nIs there a cat, a   dog's toy or 42 cups?<|im_end|>\n"
+    ids = tokenizer(text).input_ids
+    assert ids[0] == trained + 1 and tokenizer.decode(ids) == text  # no BOS added; byte-level round trip
+    # Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits,
+    # punctuation runs, newlines apart; no trained piece crosses those boundaries
+    plain = "Is there a cat, a   dog's toy or 42 cups?\n\nYes."
+    chunks = regex.findall(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+", plain)
+    pieces = [tokenizer.decode([i]) for i in tokenizer(plain).input_ids]
+    expected = [piece for chunk in chunks for piece in [tokenizer.decode(tokenizer(chunk).input_ids)]]
+    assert "".join(pieces) == plain and len(pieces) >= len(chunks) and expected == chunks
+    boundaries = {sum(len(c) for c in chunks[:k]) for k in range(len(chunks) + 1)}
+    ends = {sum(len(p) for p in pieces[:k]) for k in range(len(pieces) + 1)}
+    assert boundaries <= ends
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "Qwen2Tokenizer" and loaded(text).input_ids == ids and loaded.padding_side == "left"

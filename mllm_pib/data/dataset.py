@@ -34,30 +34,32 @@ class PreferenceDataset(Dataset):
         self.backbone = backbone
         self.items: list[TokenisedPair] = []
         for pair in tqdm(list(pairs), desc="checking data", unit="pair", leave=False, disable=not is_first()):
-            reason = self._problem(pair, max_length)
+            reason, prompt = self._check(pair, max_length)
             if reason:
                 budget.skip(pair.source, pair.index, reason)
             else:
-                self.items.append(self._tokenise(pair, max_length))
+                self.items.append(self._tokenise(pair, prompt, max_length))
         self.budget = budget
 
-    def _problem(self, pair: PreferencePair, max_length: int) -> str | None:
+    def _check(self, pair: PreferencePair, max_length: int) -> tuple[str | None, list[int] | None]:
+        """Why the pair is unusable (``None``: it is usable), and its prompt ids when it is. The
+        prompt is tokenised with its image: some backbones' visual-token count depends on it."""
         if not pair.chosen.strip() or not pair.rejected.strip():
-            return "empty answer"
+            return "empty answer", None
         if pair.chosen.strip() == pair.rejected.strip():
-            return "chosen identical to rejected"
+            return "chosen identical to rejected", None
         if not pair.prompt.strip():
-            return "empty prompt"
+            return "empty prompt", None
         try:
-            open_image(pair.image)
+            image = open_image(pair.image)
         except ImageError as err:
-            return f"bad image: {err}"
-        if len(self.backbone.prompt_ids(pair.prompt)) + 1 > max_length:
-            return f"over-long: the prompt alone exceeds max_length={max_length}"
-        return None
+            return f"bad image: {err}", None
+        prompt = self.backbone.prompt_ids(pair.prompt, image)
+        if len(prompt) + 1 > max_length:
+            return f"over-long: the prompt alone exceeds max_length={max_length}", None
+        return None, prompt
 
-    def _tokenise(self, pair: PreferencePair, max_length: int) -> TokenisedPair:
-        prompt = self.backbone.prompt_ids(pair.prompt)
+    def _tokenise(self, pair: PreferencePair, prompt: list[int], max_length: int) -> TokenisedPair:
         room = max_length - len(prompt)  # answers are cut, never the prompt with its image tokens
         return TokenisedPair(
             pair,

@@ -53,7 +53,7 @@ class SupervisedExample:
 def collate(backbone: Backbone, examples: list[SupervisedExample]) -> dict:
     """Vision inputs plus right-padded ``prompt + answer`` rows, labelled on the answers."""
     vision_inputs = backbone.preprocess([e.image for e in examples], [e.prompt for e in examples])
-    prompts = [backbone.prompt_ids(e.prompt) for e in examples]
+    prompts = [backbone.prompt_ids(e.prompt, e.image) for e in examples]
     answers = [backbone.answer_ids(e.target) for e in examples]
     input_ids, attention_mask = pad([p + a for p, a in zip(prompts, answers)], backbone.pad_token_id, "right")
     labels = torch.full_like(input_ids, IGNORE_INDEX)

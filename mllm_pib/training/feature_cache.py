@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROBE = ("Is there a dog in the image?", "No, there is no dog.")
+PROBE_IMAGE_SIZE = (320, 240)  # not square: anyres backbones tokenise it with their tile grid
 
 
 def cache_key(config, backbone, model) -> dict:
@@ -48,10 +49,19 @@ def cache_key(config, backbone, model) -> dict:
         "mllm_pib_version": __version__,
         "base_model": backbone.identity(),
         "data": [{"format": s.format, "path": s.path, "sha256": _file_hash(s.path)} for s in config.data],
-        "template": hashlib.sha256(json.dumps([backbone.prompt_ids(PROBE[0]), backbone.answer_ids(PROBE[1])]).encode()).hexdigest()[:16],
+        "template": _template_hash(backbone),
         "positions": "answers" if model.pib.config.position_wise else "all",
         "max_length": config.max_length,
     }
+
+
+def _template_hash(backbone) -> str:
+    """A hash of a probe prompt's and answer's ids: changes with the template or the tokenizer."""
+    from PIL import Image
+
+    image = Image.new("RGB", PROBE_IMAGE_SIZE, (128, 128, 128))
+    ids = [backbone.prompt_ids(PROBE[0], image), backbone.answer_ids(PROBE[1])]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
 CACHE_OUTPUT = OutputKind(command="cache", what="feature cache", writes=(), done=MANIFEST)
@@ -121,13 +131,12 @@ def _pair_tensors(model, batch, dtype):
             "hidden": rows.hidden[both, span].to(dtype),
             "labels": rows.labels[both, span],
             "text_mask": mask[:, span],
-            "vision": vision.pib[i].to(dtype),
+            # only the image's valid tokens: batches pad to their own largest count
+            "vision": (vision.pib[i] if vision.pib_mask is None else vision.pib[i][vision.pib_mask[i]]).to(dtype),
             "ref_logps": ref.logps[both],
             "counts": ref.counts[both],
             "_id": pair_id,
         }
-        if vision.pib_mask is not None:
-            tensors["vision_mask"] = vision.pib_mask[i]
         yield tensors
 
 
@@ -208,14 +217,23 @@ def collate_cached(items: list[dict]) -> dict:
         "hidden": rows("hidden", 0.0),
         "labels": rows("labels", IGNORE_INDEX),
         "text_mask": rows("text_mask", 0),
-        "vision": torch.stack([item["vision"] for item in items]),
+        **_padded_vision([item["vision"] for item in items]),
         "ref_logps": torch.cat([torch.stack([item["ref_logps"][side] for item in items]) for side in (0, 1)]),
         "ref_counts": torch.cat([torch.stack([item["counts"][side] for item in items]) for side in (0, 1)]),
         "pair_ids": [item["pair_id"] for item in items],
     }
-    if "vision_mask" in items[0]:
-        batch["vision_mask"] = torch.stack([item["vision_mask"] for item in items])
     return batch
+
+
+def _padded_vision(features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pairs' vision features ``[B, N, Dv]``, padded to the largest count with a
+    ``vision_mask`` of the valid ones when the counts differ."""
+    count = max(f.shape[0] for f in features)
+    if all(f.shape[0] == count for f in features):
+        return {"vision": torch.stack(features)}
+    vision = torch.stack([torch.nn.functional.pad(f, (0, 0, 0, count - f.shape[0])) for f in features])
+    mask = torch.stack([torch.arange(count) < f.shape[0] for f in features])
+    return {"vision": vision, "vision_mask": mask}
 
 
 def cached_vision(batch: dict) -> VisionFeatures:

@@ -77,7 +77,7 @@ class InstructBlipBackbone(DecoderBackbone):
             "lm_head": model.language_model.lm_head,
         }
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, image=None) -> list[int]:
         # The query tokens come before BOS, so they cannot be part of the tokenised text.
         return [self.image_token_id] * self.num_image_tokens + self.tokenizer(question).input_ids
 
