@@ -8,9 +8,8 @@ from collections.abc import Iterable
 
 import torch
 
-from mllm_pib.tokenizer import DEFAULT_CORPUS
-from mllm_pib_hf.qwen2_vl import VARIANTS, images_only_processor, save_processor
-from mllm_pib_hf.qwen_tokenizer import train_qwen2_tokenizer
+from mllm_pib.tokenizer import DEFAULT_CORPUS, train_qwen2_tokenizer
+from mllm_pib_hf.qwen2_vl import VARIANTS, processor_class
 
 # The chat template both instruct checkpoints publish (chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -25,6 +24,10 @@ CHAT_TEMPLATE = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
 )
+# Qwen2-VL's control tokens after <|endoftext|> <|im_start|> <|im_end|>, in their published id order
+SPECIAL_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                  "<|video_pad|>")
 PATCH, MERGE = 14, 2  # as published: a visual token is 2 x 2 patches of 14 px
 MIN_PIXELS, MAX_PIXELS = (2 * PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 4 .. 16 visual tokens
 
@@ -32,9 +35,9 @@ MIN_PIXELS, MAX_PIXELS = (2 * PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 4
 def tiny_processor(variant: str, corpus: Iterable[str], vocab_size: int = 512):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=vocab_size)
+    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=SPECIAL_TOKENS)
     images = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE)
-    return images_only_processor(VARIANTS[variant], images, tokenizer, CHAT_TEMPLATE)
+    return processor_class(VARIANTS[variant])(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def tiny_config(variant: str, tokenizer, *, hidden: int = 64, vision_hidden: int = 32, layers: int = 2, heads: int = 4):
@@ -79,4 +82,4 @@ def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_COR
         bos_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(out_dir)
-    save_processor(processor, out_dir)
+    processor.save_pretrained(out_dir)

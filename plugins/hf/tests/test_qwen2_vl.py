@@ -110,7 +110,7 @@ def test_prompt_and_answer_ids_equal_the_published_template(backbone):
             messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=True,
             return_dict=True)["input_ids"][0]
         assert prompt + answer_ids == whole[: len(prompt) + len(answer_ids)]
-    with pytest.raises(ValueError, match="need their image"):
+    with pytest.raises(ValueError, match="needs the image"):
         backbone.prompt_ids(QUESTIONS[0])
 
 
