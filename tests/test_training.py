@@ -89,10 +89,11 @@ def test_end_to_end_training(backbone, tmp_path, tiny_model_dir, hadpo_dir):
 
     # checkpoint reload and export reload give identical logits
     bb = trained.backbone
-    ids = torch.tensor([bb.prompt_ids("Is there a star in the image?") + bb.answer_ids("No.")])
     from PIL import Image
 
-    inputs = bb.preprocess([Image.open(next((hadpo_dir / "VG").rglob("*.png")))], ["q"])
+    picture = Image.open(next((hadpo_dir / "VG").rglob("*.png")))
+    ids = torch.tensor([bb.prompt_ids("Is there a star in the image?", picture) + bb.answer_ids("No.")])
+    inputs = bb.preprocess([picture], ["q"])
     logits = trained(ids, torch.ones_like(ids), inputs)
     assert not torch.allclose(logits, trained(ids, torch.ones_like(ids), inputs, bypass_pib=True))
     exported = export_model(out, model_dir, tmp_path / "export")

@@ -1,1 +1,1 @@
-"""Current open vision-language models from transformers as mllm-pib backbones."""
+"""Backbones for mllm-pib built on transformers' own VLM classes and processors."""

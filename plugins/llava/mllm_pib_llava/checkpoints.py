@@ -67,7 +67,7 @@ def check_llava15(raw: dict, config_path: Path) -> None:
         sign = LLAVA_16_SIGNS.get(field)
         if sign is not None and str(value).startswith(sign):
             raise UserError(f"{config_path}: {given} is LLaVA-1.6 (LLaVA-NeXT); the llava backbone runs "
-                            "LLaVA-1.5 only, and no LLaVA-1.6 backbone is installed")
+                            "LLaVA-1.5 only; LLaVA-1.6 in the llava-hf layout loads with the llava_next backbone")
         raise UserError(f"{config_path}: {given} is not LLaVA-1.5's {expected!r}; the llava backbone "
                         "runs LLaVA-1.5 checkpoints only")
 
@@ -119,7 +119,7 @@ def load_original(path: Path, *, vision_tower: str | None, dtype: torch.dtype):
     original = read_state_dict(path)
     if LLAVA_16_WEIGHT in original:
         raise UserError(f"{path}: weight {LLAVA_16_WEIGHT!r} is LLaVA-1.6 (LLaVA-NeXT)'s; the llava backbone "
-                        "runs LLaVA-1.5 only, and no LLaVA-1.6 backbone is installed")
+                        "runs LLaVA-1.5 only; LLaVA-1.6 in the llava-hf layout loads with the llava_next backbone")
     state = _mapped_state(original, len(tokenizer))
     if not any(key.startswith("model.vision_tower.") for key in state):
         tower = CLIPVisionModel.from_pretrained(tower_path)

@@ -1,0 +1,172 @@
+"""llava_next and llava_onevision against transformers' own model and processor: prompt and
+answer ids as the published conversation format gives them, identity-block logits equal to the
+model's forward, greedy and beam tokens equal to its ``generate`` (batched, left padding,
+images of different sizes and tile grids), features as the model computes them, and the CLI."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from mllm_pib.cli import main
+from mllm_pib.model import PIBModel
+from mllm_pib.plugins import get_backbone
+
+BACKBONES = ["llava_next", "llava_onevision"]
+# The published single-turn formats, written out (llava-hf model cards): prompt, answer.
+FORMATS = {
+    "llava_next": ("[INST] <image>\n{question} [/INST]", " {answer}</s>"),
+    "llava_onevision": ("<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n", "{answer}<|im_end|>"),
+}
+QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
+ANSWERS = ["Yes, there is a cat.", "The image shows a red circle, a blue square and a green tree."]
+
+
+def pictures():
+    """Two sizes that the tiny models cut into different tile grids."""
+    return [Image.new("RGB", (40, 52), (200, 30, 30)), Image.new("RGB", (90, 20), (20, 90, 220))]
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def tiny(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    get_backbone(request.param).write_tiny(str(out), seed=0)
+    return request.param, str(out), get_backbone(request.param).load(str(out))
+
+
+def published_inputs(backbone, name, questions, images):
+    """The model-card usage: the prompt text written out, then the processor on text + images."""
+    texts = [FORMATS[name][0].format(question=q) for q in questions]
+    return backbone.processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def test_tiny_layout(tiny):
+    name, path, backbone = tiny
+    config = json.loads(open(f"{path}/config.json").read())
+    assert config["model_type"] == name and get_backbone(name).spec.model_types == (name,)
+    processor = json.loads(open(f"{path}/processor_config.json").read())
+    assert processor["processor_class"] == {"llava_next": "LlavaNextProcessor",
+                                            "llava_onevision": "LlavaOnevisionProcessor"}[name]
+    tokenizer = json.loads(open(f"{path}/tokenizer_config.json").read())
+    assert tokenizer["tokenizer_class"] == {"llava_next": "LlamaTokenizer", "llava_onevision": "Qwen2Tokenizer"}[name]
+    end = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"]}[name]
+    assert backbone.stop_sequences == [[i] for i in backbone.tokenizer.convert_tokens_to_ids(end)]
+
+
+def test_prompt_and_answer_ids_equal_the_published_format(tiny):
+    name, _, backbone = tiny
+    prompt_format, answer_format = FORMATS[name]
+    tokenizer = backbone.tokenizer
+    for question, image in zip(QUESTIONS, pictures()):
+        expected = published_inputs(backbone, name, [question], [image])["input_ids"][0].tolist()
+        assert backbone.prompt_ids(question, image) == expected
+        assert expected.count(backbone.image_token_id) > 16  # the base view and at least one tile
+    counts = {backbone.prompt_ids(QUESTIONS[0], image).count(backbone.image_token_id) for image in pictures()}
+    assert len(counts) == 2  # the count follows the image
+    for answer in ANSWERS:
+        prompt = prompt_format.format(question="?")
+        before = tokenizer(prompt, add_special_tokens=False).input_ids
+        whole = tokenizer(prompt + answer_format.format(answer=answer), add_special_tokens=False).input_ids
+        assert whole[: len(before)] == before
+        assert backbone.answer_ids(answer) == whole[len(before):]
+    with pytest.raises(ValueError, match="needs the image"):
+        backbone.prompt_ids(QUESTIONS[0])
+
+
+@torch.no_grad()
+def test_identity_block_logits_equal_the_model_forward(tiny):
+    name, _, backbone = tiny
+    model = PIBModel(backbone)
+    batch = model.prompt_batch(pictures(), QUESTIONS)
+    assert torch.equal(batch["input_ids"], published_inputs(backbone, name, QUESTIONS, pictures())["input_ids"])
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["vision_inputs"])
+    for row, (question, image) in enumerate(zip(QUESTIONS, pictures())):
+        alone = published_inputs(backbone, name, [question], [image])  # no padding: the plain model's own case
+        expected = backbone.model(**alone).logits[0]
+        assert torch.allclose(logits[row, -expected.shape[0]:], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+@torch.no_grad()
+def test_identity_block_generation_equals_transformers_generate(tiny, num_beams):
+    name, _, backbone = tiny
+    model = PIBModel(backbone)
+    inputs = published_inputs(backbone, name, QUESTIONS, pictures())
+    stops = [s[0] for s in backbone.stop_sequences]
+    expected = backbone.model.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=num_beams,
+                                       eos_token_id=stops, pad_token_id=backbone.pad_token_id)
+    expected = expected[:, inputs["input_ids"].shape[1]:]
+    batch = model.prompt_batch(pictures(), QUESTIONS)
+    tokens = model.generate(batch["input_ids"], batch["attention_mask"], batch["vision_inputs"],
+                            max_new_tokens=6, num_beams=num_beams)
+    width = tokens.shape[1]
+    assert tokens.tolist() == expected[:, :width].tolist()
+    assert (expected[:, width:] == backbone.pad_token_id).all()
+
+
+@pytest.mark.parametrize("feature", ["tower", "projector"])
+@torch.no_grad()
+def test_features_are_what_the_model_computes(tiny, feature):
+    name, path, _ = tiny
+    choice = {"tower": {"llava_next": "clip", "llava_onevision": "siglip"}[name], "projector": "projector"}[feature]
+    backbone = get_backbone(name).load(path, feature=choice)
+    inputs = backbone.preprocess(pictures())
+    feats = backbone.encode_vision(**inputs)
+    inner, config = backbone.model.model, backbone.model.config
+    for row, image in enumerate(pictures()):
+        alone = backbone.preprocess([image])
+        packed = inner.get_image_features(**alone, return_dict=True).pooler_output[0]
+        valid = feats.llm_mask[row]
+        assert torch.allclose(feats.llm[row, valid], packed, atol=1e-5) and not valid[len(packed):].any()
+        views = alone["pixel_values"][0][: backbone.tiles(alone["image_sizes"][0])]
+        tower = inner.vision_tower(views, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        tower = tower[:, 1:] if config.vision_feature_select_strategy == "default" else tower
+        expected = packed if choice == "projector" else tower.reshape(-1, tower.shape[-1])
+        assert torch.allclose(feats.pib[row, feats.pib_mask[row]], expected, atol=1e-5)
+        assert int(feats.pib_mask[row].sum()) == len(expected)
+    assert feats.pib.shape[-1] == backbone.pib_vision_size
+
+
+def open_block(model_dir, name, out) -> str:
+    """A block checkpoint whose gates are open, so that it changes the answers."""
+    from mllm_pib.checkpoint import load_model, save_checkpoint
+    from mllm_pib.freezing import FreezePolicy
+
+    torch.manual_seed(0)
+    model = load_model(model_dir, backbone=name)
+    with torch.no_grad():
+        for param_name, param in model.pib.named_parameters():
+            if param_name.endswith("gate"):
+                param.fill_(0.5)
+    save_checkpoint(out, model, FreezePolicy.preset("stage1"))
+    return str(out)
+
+
+def test_cli_tiny_model_generate_compare_export_and_pope(tiny, tmp_path, capsys):
+    from mllm_pib.demo.world import World, export_dataset
+    from mllm_pib.evaluation import pope
+
+    name, path, _ = tiny
+    pib = open_block(path, name, tmp_path / "pib")
+    image = tmp_path / "red.png"
+    pictures()[0].save(image)
+    capsys.readouterr()
+    assert main(["generate", "--backbone", name, "--model", path, "--pib", pib, "--image", str(image),
+                 "--prompt", QUESTIONS[1], "--max-new-tokens", "5", "--compare", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)["answers"]
+    assert set(answers) == {"base", "pib"}
+    assert main(["export", "--pib", pib, "--base", path, str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--backbone", name, "--model", str(tmp_path / "export"), "--image", str(image),
+                 "--prompt", QUESTIONS[1], "--max-new-tokens", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answers"]["pib"] == answers["pib"]
+
+    world = export_dataset(World(5).sample(8, start=500), tmp_path / "world", seed=5)
+    splits = pope.build_splits(pope.load_object_images(world.objects), num_images=2, seed=1)
+    pope.write_splits(splits, tmp_path / "pope")
+    assert main(["eval", "pope", "--backbone", name, "--model", path, "--pib", pib, "--questions",
+                 str(tmp_path / "pope" / "coco_pope_random.json"), "--images", str(world.image_dir),
+                 "--out", str(tmp_path / "out"), "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["random"]["total"] == len(pope.load_questions(tmp_path / "pope" / "coco_pope_random.json"))
