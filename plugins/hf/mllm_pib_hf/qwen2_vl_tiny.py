@@ -10,6 +10,7 @@ import torch
 
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_qwen2_tokenizer
 from mllm_pib_hf.qwen2_vl import VARIANTS, processor_class
+from mllm_pib_hf.tiny import TEMPLATE_WORDS, tiny_text_sizes
 
 # The chat template both instruct checkpoints publish (chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -30,49 +31,54 @@ SPECIAL_TOKENS = ("<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
                   "<|video_pad|>")
 PATCH, MERGE = 14, 2  # as published: a visual token is 2 x 2 patches of 14 px
 MIN_PIXELS, MAX_PIXELS = (2 * PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 4 .. 16 visual tokens
+VISION_WIDTH = 32
 
 
 def tiny_processor(variant: str, corpus: Iterable[str], vocab_size: int = 512):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = train_qwen2_tokenizer(corpus, vocab_size=vocab_size, extra_special_tokens=SPECIAL_TOKENS)
+    tokenizer = train_qwen2_tokenizer([*corpus, TEMPLATE_WORDS], vocab_size=vocab_size,
+                                      extra_special_tokens=SPECIAL_TOKENS)
     images = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE)
     return processor_class(VARIANTS[variant])(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(variant: str, tokenizer, *, hidden: int = 64, vision_hidden: int = 32, layers: int = 2, heads: int = 4):
+def tiny_config(variant: str, tokenizer):
+    """The variant's config at toy sizes: the distribution's tiny decoder with M-RoPE, a 2-block
+    ViT 32 wide over the published 14 px patches and 2 x 2 merge."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = tiny_text_sizes()
+    hidden, heads, layers = text["hidden_size"], text["num_attention_heads"], text["num_hidden_layers"]
     half = hidden // heads // 2  # rotary frequencies per head, split over (t, h, w) as the 7B's 16/24/24 of 64
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
+    text.update(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                          "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]},
-        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     vision = dict(depth=layers, num_heads=heads, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2)
     if variant == "qwen2_5_vl":
         # windows of 2 x 2 visual tokens, full attention in the last block, as the 7B's every 8th
-        vision.update(hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=2 * vision_hidden,
+        vision.update(hidden_size=VISION_WIDTH, out_hidden_size=hidden, intermediate_size=2 * VISION_WIDTH,
                       window_size=2 * PATCH * MERGE, fullatt_block_indexes=[layers - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    vision.update(embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+    vision.update(embed_dim=VISION_WIDTH, hidden_size=hidden, mlp_ratio=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
 
 
 def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, variant: str = "qwen2_vl",
-               vocab_size: int = 512, **sizes) -> None:
+               vocab_size: int = 512) -> None:
     """Write a tiny random ``Qwen2VLForConditionalGeneration`` (``variant="qwen2_vl"``) or
     ``Qwen2_5_VLForConditionalGeneration`` (``"qwen2_5_vl"``) and its processor to ``out_dir``."""
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     processor = tiny_processor(variant, corpus, vocab_size)
     tokenizer = processor.tokenizer
-    config = tiny_config(variant, tokenizer, **sizes)
+    config = tiny_config(variant, tokenizer)
     torch.manual_seed(seed)
     model_class = Qwen2_5_VLForConditionalGeneration if variant == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     model = model_class(config).eval()
