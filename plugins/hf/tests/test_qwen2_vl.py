@@ -298,3 +298,47 @@ def test_shared_prefix_scoring_equals_full_forwards(backbone, interaction):
     assert torch.allclose(reference.logps, (logps * scored).sum(-1), atol=1e-4)
     assert torch.equal(scores[0].counts, scores[1].counts)
     assert torch.allclose(scores[0].logps, scores[1].logps, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_cli_tiny_config_trains_then_generate_export_and_pope(tmp_path, monkeypatch, capsys):
+    """configs/tiny/qwen2_5_vl.yaml trains from nothing (both tiny configs do in the core's
+    tests/test_training.py; the variants share every command's code path); ``generate --compare`` gives the answers of
+    ``PIBModel.generate_text`` with and without the block; the exported model reloads to the same
+    answer; POPE evaluation answers every question."""
+    from pathlib import Path
+
+    from mllm_pib.checkpoint import load_model
+    from mllm_pib.evaluation import pope
+
+    name = "qwen2_5_vl"
+    config = Path(__file__).parents[3] / "configs" / "tiny" / f"{name}.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(config), "--set", "training.max_steps=2", "--set", "training.save_steps=100",
+                 "--set", "bootstrap.synthetic_scenes=4"]) == 0
+    model_dir, pib = f"runs/tiny/{name}-model", f"runs/tiny/{name}-pib"
+    image = next(Path("runs/tiny/data/VG").rglob("*.png"))
+    question, tokens = QUESTIONS[1], "4"
+    capsys.readouterr()
+    common = ["--backbone", name, "--image", str(image), "--prompt", question, "--max-new-tokens", tokens, "--json"]
+    assert main(["generate", "--model", model_dir, "--pib", pib, "--compare", *common]) == 0
+    answers = json.loads(capsys.readouterr().out)["answers"]
+    model = load_model(model_dir, backbone=name, pib=pib)
+    picture = Image.open(image).convert("RGB")
+    expected = {kind: model.generate_text([picture], [question], max_new_tokens=4, bypass_pib=kind == "base")[0]
+                for kind in ("base", "pib")}
+    assert answers == expected
+    assert main(["export", "--pib", pib, "--base", model_dir, "--out", "exported"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "exported", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["answers"]["pib"] == expected["pib"]
+
+    splits = pope.build_splits(pope.load_object_images(Path("runs/tiny/data/objects.jsonl")), num_images=3, seed=0)
+    pope.write_splits(splits, tmp_path / "pope")
+    questions = tmp_path / "pope" / "coco_pope_adversarial.json"
+    assert main(["eval", "pope", "--backbone", name, "--model", "exported", "--questions", str(questions),
+                 "--images", str(image.parent), "--out", "eval", "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adversarial"]["total"] == len(pope.load_questions(questions)) > 0
