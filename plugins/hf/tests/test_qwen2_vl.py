@@ -114,6 +114,40 @@ def test_prompt_and_answer_ids_equal_the_published_template(backbone):
         backbone.prompt_ids(QUESTIONS[0])
 
 
+def test_reads_the_hub_layout_and_pixel_bounds(tiny, tmp_path):
+    """The hub's files (``preprocessor_config.json``, ``chat_template.json``) load to the same
+    prompts; ``max_pixels`` / ``min_pixels`` change the count as the processor's rule says."""
+    import shutil
+
+    name, path = tiny
+    hub = tmp_path / "hub"
+    shutil.copytree(path, hub)
+    saved = json.loads((hub / "processor_config.json").read_text())
+    processor_class = "Qwen2_5_VLProcessor" if name == "qwen2_5_vl" else "Qwen2VLProcessor"
+    (hub / "preprocessor_config.json").write_text(json.dumps({**saved["image_processor"], "processor_class": processor_class}))
+    (hub / "chat_template.json").write_text(json.dumps({"chat_template": (hub / "chat_template.jinja").read_text()}))
+    (hub / "processor_config.json").unlink()
+    (hub / "chat_template.jinja").unlink()
+    image = picture((300, 200), 0)
+    reference = get_backbone(name).load(path)
+    assert get_backbone(name).load(str(hub)).prompt_ids(QUESTIONS[0], image) == reference.prompt_ids(QUESTIONS[0], image)
+    wider = get_backbone(name).load(str(hub), max_pixels=28 * 28 * 64, min_pixels=28 * 28 * 8)
+    count = wider.prompt_ids(QUESTIONS[0], image).count(wider.image_token_id)
+    assert count == smart_resize_tokens(300, 200, 28 * 28 * 8, 28 * 28 * 64) == 54
+    assert reference.prompt_ids(QUESTIONS[0], image).count(reference.image_token_id) == smart_resize_tokens(300, 200, 56**2, 112**2) == 12
+
+
+def test_load_refuses_other_directories(tiny, tmp_path):
+    from mllm_pib.errors import UserError
+
+    name = tiny[0]
+    with pytest.raises(UserError, match="no config.json"):
+        get_backbone(name).load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(UserError, match=f"model_type 'llava' is not '{name}'"):
+        get_backbone(name).load(str(tmp_path))
+
+
 def test_prompt_batch_equals_the_processor_batch(backbone):
     model = PIBModel(backbone)
     images = pictures(2)
