@@ -84,3 +84,24 @@ def test_cache_command_and_sweep_from_one_cache(config_path, tmp_path, capsys):
     assert "| run |" in (out / "results.md").read_text()
     assert main(["cache", "--config", str(config_path), "--out", str(tmp_path / "c"), "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_cache_of_images_with_different_token_counts_follows_the_same_losses(tmp_path, tiny_model_dir, hadpo_dir):
+    """llava_onevision: every image gives its own number of tile features (padded per batch,
+    masked); the cache stores each image's valid ones and re-pads per cached batch."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(hadpo_dir, data)
+    sizes = [(48, 48), (90, 20), (30, 70)]  # different tile grids, so different token counts
+    for i, path in enumerate(sorted((data / "VG").rglob("*.png"))):
+        Image.open(path).resize(sizes[i % 3]).save(path)
+    config_path = write_config(tmp_path, "llava_onevision", tiny_model_dir("llava_onevision"), data)
+    sets = ["training.max_steps=3"]
+    plain = train(load_config(config_path, sets), output_dir=str(tmp_path / "plain"))
+    build_cache(load_config(config_path, sets), tmp_path / "cache", dtype="float32", batch_size=3)
+    cached = train(load_config(config_path, [*sets, f"feature_cache={tmp_path / 'cache'}"]), output_dir=str(tmp_path / "cached"))
+    assert losses(plain) == pytest.approx(losses(cached), abs=1e-4)
+    assert len(losses(plain)) == 3
