@@ -42,9 +42,11 @@ def mrope_positions(positions: torch.Tensor, image_mask: torch.Tensor | None, gr
     if grids is None:
         return out
     deltas = rope_deltas(grids)
+    if image_mask is None or not bool(image_mask.any()):  # decoding: one shift per row, no loop
+        return out + deltas.view(1, -1, 1)
     for row in range(positions.shape[0]):
-        where = image_mask[row].nonzero().flatten() if image_mask is not None else None
-        if where is None or where.numel() == 0:
+        where = image_mask[row].nonzero().flatten()
+        if where.numel() == 0:
             out[:, row] += deltas[row]
             continue
         t, h, w = grids[row].tolist()
