@@ -281,8 +281,8 @@ def test_cached_generation_equals_uncached(backbone, num_beams):
 
 
 def pair_batch(bb, images):
-    from mllm_pib.data.dataset import PreferenceCollator
-
+    """Three pairs in the layout of ``PreferenceCollator``: left-padded prompts, right-padded
+    answers (chosen rows, then rejected rows), the images' processor inputs."""
     pad = bb.pad_token_id
     prompts = [bb.prompt_ids(q, image) for q, image in zip(QUESTIONS + ["Is there a dog?"], images)]
     chosen = [bb.answer_ids(a) for a in ANSWERS + ["No."]]
@@ -297,7 +297,6 @@ def pair_batch(bb, images):
 
     prompt_ids, prompt_mask = padded(prompts, "left")
     answer_ids, answer_mask = padded(chosen + rejected, "right")
-    assert PreferenceCollator  # the layout built here is the collator's (left prompts, right answers)
     return {"vision_inputs": bb.preprocess(images), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "answer_ids": answer_ids, "answer_mask": answer_mask}
 
@@ -316,20 +315,20 @@ def test_shared_prefix_scoring_equals_full_forwards(backbone, interaction):
         # the full forwards equal transformers' model on each whole sequence
         ids = torch.cat([batch["prompt_ids"].repeat(2, 1), batch["answer_ids"]], 1)
         mask = torch.cat([batch["prompt_mask"].repeat(2, 1), batch["answer_mask"]], 1)
-        rows = list(range(3)) * 2
+        rows = [0, 1, 2, 0, 1, 2]  # chosen rows, then rejected rows
         inputs = batch["vision_inputs"]
-        image_rows = torch.tensor(rows)
         per_image = inputs["image_grid_thw"].prod(-1)
         starts = torch.cat([torch.zeros(1, dtype=torch.long), per_image.cumsum(0)])
         pixel_values = torch.cat([inputs["pixel_values"][starts[r]:starts[r + 1]] for r in rows])
         expected = backbone.model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
-                                  image_grid_thw=inputs["image_grid_thw"][image_rows],
+                                  image_grid_thw=inputs["image_grid_thw"][rows],
                                   mm_token_type_ids=(ids == backbone.image_token_id).int()).logits
-    reference = model.reference_logps(batch, shared_prefix=False)
     targets = ids[:, 1:]
     logps = expected[:, :-1].log_softmax(-1).gather(-1, targets[..., None])[..., 0]
     scored = torch.cat([torch.zeros_like(batch["prompt_mask"].repeat(2, 1)), batch["answer_mask"]], 1)[:, 1:].bool()
-    assert torch.allclose(reference.logps, (logps * scored).sum(-1), atol=1e-4)
+    for shared_prefix in (True, False):
+        reference = model.reference_logps(batch, shared_prefix=shared_prefix)
+        assert torch.allclose(reference.logps, (logps * scored).sum(-1), atol=1e-4)
     assert torch.equal(scores[0].counts, scores[1].counts)
     assert torch.allclose(scores[0].logps, scores[1].logps, atol=1e-4)
 
