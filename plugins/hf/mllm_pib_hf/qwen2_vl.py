@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mllm_pib.backbone import VisionFeatures, pad_visual, position_ids_from_mask, resolve_dtype
 from mllm_pib.errors import UserError
@@ -76,8 +77,10 @@ class QwenVLBackbone(ProcessorBackbone):
 
     def parts(self):
         inner = self.model.model
+        # the merger lives inside the ViT module: "vision" is the ViT without it
+        tower = nn.ModuleList(module for name, module in inner.visual.named_children() if name != "merger")
         return {
-            "vision": inner.visual,
+            "vision": tower,
             "projector": inner.visual.merger,
             "llm": inner.language_model,
             "lm_head": self.model.lm_head,

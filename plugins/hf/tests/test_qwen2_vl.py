@@ -178,6 +178,14 @@ def test_features_equal_transformers_image_features(tiny, feature):
         assert torch.equal(vision.pib, vision.llm) and torch.equal(vision.pib_mask, vision.llm_mask)
 
 
+def test_vision_part_excludes_the_merger(backbone):
+    """The merger sits inside transformers' ViT module; the parts split them, so that freezing
+    "vision" and training "projector" (or the reverse) each touch their own weights."""
+    parts = {name: {id(p) for p in module.parameters()} for name, module in backbone.parts().items()}
+    assert not parts["vision"] & parts["projector"]
+    assert parts["vision"] | parts["projector"] == {id(p) for p in backbone.model.model.visual.parameters()}
+
+
 # ------------------------------------------------------------------ positions and logits
 
 
