@@ -368,10 +368,13 @@ class DecoderBackbone(Backbone):
         image_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> LMOutput:
-        if image_mask is not None and image_mask.any():
+        has_image = image_mask is not None and image_mask.any()
+        if has_image:
             hidden = place_visual_tokens(hidden, vision_feats, image_mask)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, hidden.shape[1])
+        if has_image:
+            attention_mask = self.image_attention(hidden, attention_mask, cache, position_ids, image_mask)
         out = self.decoder(
             inputs_embeds=hidden,
             attention_mask=attention_mask,
@@ -380,6 +383,12 @@ class DecoderBackbone(Backbone):
             use_cache=cache is not None,
         )
         return LMOutput(hidden=out.last_hidden_state, cache=out.cache)
+
+    def image_attention(self, hidden, attention_mask, cache, position_ids, image_mask):
+        """The attention mask the decoder receives for new tokens that hold images. Default:
+        ``attention_mask`` as it is (causal attention throughout). A model whose image tokens
+        attend to each other both ways (Gemma 3) builds its own masks here."""
+        return attention_mask
 
     @property
     def lm_head(self) -> nn.Module:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -167,3 +167,44 @@ def train_qwen2_tokenizer(
         pad_token="<|endoftext|>", padding_side=padding_side,
         extra_special_tokens=[QWEN2_SPECIALS[1], *extra_special_tokens],
     )
+
+
+GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>")
+
+
+def train_gemma_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    named_special_tokens: dict[str, str] | None = None,
+    padding_side: str = "left",
+):
+    """A ``GemmaTokenizer`` over a BPE vocabulary trained on ``corpus``, laid out as Gemma 3's:
+    ``<pad>`` ``<eos>`` ``<bos>`` ``<unk>`` ``<mask>`` 0-4, the turn markers, the 256 byte tokens
+    (byte fallback), the trained pieces (spaces are ``▁`` and belong to the word they precede,
+    no dummy prefix; newlines are pieces of their own), then ``named_special_tokens``
+    (attribute name -> token, e.g. ``{"image_token": "<image_soft_token>"}``), which become the
+    tokenizer's attributes as Gemma 3's processor reads them. BOS is added to every text, as
+    published. ``vocab_size`` counts every token but the named ones."""
+    from transformers import GemmaTokenizer
+
+    reserved = len(GEMMA_SPECIALS) + len(BYTE_TOKENS)
+    if vocab_size <= reserved:
+        raise ValueError(f"vocab_size must exceed the {reserved} special and byte tokens, got {vocab_size}")
+    model = Tokenizer(models.BPE(byte_fallback=True))
+    model.normalizer = normalizers.Replace(" ", "▁")
+    model.pre_tokenizer = pre_tokenizers.Split(Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁\n]+|\n+|▁+"), behavior="isolated")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False)
+    model.train_from_iterator(list(corpus), trainer=trainer)
+    trained = json.loads(model.to_str())["model"]
+    vocab = {token: index for index, token in enumerate([*GEMMA_SPECIALS, *BYTE_TOKENS])}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(piece, len(vocab))
+    named = dict(named_special_tokens or {})
+    for token in named.values():
+        vocab[token] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, padding_side=padding_side, add_bos_token=True,
+                               extra_special_tokens=named or None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA_SPECIALS[5:])})
+    return tokenizer

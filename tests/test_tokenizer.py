@@ -79,3 +79,24 @@ def test_qwen2_tokenizer_is_laid_out_as_qwen2_instruct(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded).__name__ == "Qwen2Tokenizer" and loaded(text).input_ids == ids and loaded.padding_side == "left"
+
+
+def test_gemma_tokenizer_is_laid_out_as_gemma3(tmp_path):
+    from mllm_pib.tokenizer import BYTE_TOKENS, train_gemma_tokenizer
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tokenizer = train_gemma_tokenizer(named_special_tokens=named)
+    assert tokenizer.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]) == [0, 1, 2, 3, 4]
+    assert tokenizer.convert_tokens_to_ids(BYTE_TOKENS[:1] + ["<end_of_turn>"]) == [7, 6]
+    assert (tokenizer.boi_token, tokenizer.image_token_id) == ("<start_of_image>", len(tokenizer) - 1)
+    text = "Is there a cat,  a dog?\n\nYes é"
+    ids = tokenizer(text).input_ids
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert ids[0] == 2 and tokenizer.decode(ids, skip_special_tokens=True) == text  # BOS, then a lossless round trip
+    # no dummy prefix; a space belongs to the word it precedes; unseen characters fall back to bytes
+    assert pieces[1] == "Is" and "▁there" in pieces and pieces[-2:] == ["<0xC3>", "<0xA9>"]
+    assert all("▁" not in piece[1:] for piece in pieces)  # no piece spans two words
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "GemmaTokenizer" and loaded(text).input_ids == ids
+    assert loaded.image_token == "<image_soft_token>" and loaded.padding_side == "left"

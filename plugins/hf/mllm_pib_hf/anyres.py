@@ -15,39 +15,23 @@ from typing import Callable, ClassVar
 import torch
 
 from mllm_pib.backbone import VisionFeatures, pad_visual
-from mllm_pib.errors import UserError
-from mllm_pib.processor_backbone import ProcessorBackbone
+from mllm_pib_hf.base import HFBackbone
 
 
-class AnyresBackbone(ProcessorBackbone):
+class AnyresBackbone(HFBackbone):
     """A LLaVA anyres model (``Llava{Next,Onevision}ForConditionalGeneration``) + its processor.
 
     Feature options: the vision tower's selected-layer patch features of all tiles (base view
-    first; the option is named after the tower) or ``projector``: the visual tokens exactly as
+    first; the first option, named after the tower) or ``projector``: the visual tokens exactly as
     the LLM receives them (projected, unpadded, pooled, with the newline tokens).
     """
 
-    tower: ClassVar[str] = ""  # name of the tower feature option ("clip", "siglip")
     # the modeling module's image_size_to_num_patches(image_size, grid_pinpoints, patch_size)
     num_views: ClassVar[Callable[..., int]]
 
-    def __init__(self, model, processor, feature: str | None = None, model_id: str = ""):
-        super().__init__()
-        feature = feature or self.tower
-        if feature not in self.feature_choices:
-            raise UserError(f"unknown {self.name} feature {feature!r}; choose one of {', '.join(self.feature_choices)}")
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        config = model.config
-        self.feature = feature
-        self.model_id = model_id
-        self.image_token_id = config.image_token_id
-        self.decoder = model.model.language_model
-        self._lm_head = model.lm_head
-        self.hidden_size = config.text_config.hidden_size
-        tower_width = config.vision_config.hidden_size * _layer_count(config.vision_feature_layer)
-        self.pib_vision_size = tower_width if feature == self.tower else self.hidden_size
+    def tower_width(self) -> int:
+        config = self.model.config
+        return config.vision_config.hidden_size * _layer_count(config.vision_feature_layer)
 
     def parts(self):
         inner = self.model.model
@@ -87,9 +71,6 @@ class AnyresBackbone(ProcessorBackbone):
         return type(self).num_views(image_size=image_size, grid_pinpoints=config.image_grid_pinpoints,
                                     patch_size=config.vision_config.image_size)
 
-    def save_pretrained(self, path: str) -> None:
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
 
 
 class _Projector(torch.nn.Module):
@@ -103,25 +84,3 @@ class _Projector(torch.nn.Module):
 
 def _layer_count(layers) -> int:
     return 1 if isinstance(layers, int) else len(layers)
-
-
-def load_anyres(cls, model_class, processor_class, model_path: str | None, *, feature: str | None, dtype, device):
-    """Load a published (hub layout) anyres checkpoint with its processor."""
-    from pathlib import Path
-
-    from mllm_pib.backbone import resolve_dtype
-    from mllm_pib.processor_backbone import image_only_processor
-
-    if model_path is None:
-        raise UserError(f"the {cls.name} backbone needs a model path (a directory in the published hub layout)")
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json; expected a {cls.name} model directory in the published hub layout")
-    model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype))
-    if model.config.model_type != cls.name:
-        raise UserError(f"{path / 'config.json'}: model_type {model.config.model_type!r} is not {cls.name!r}")
-    if device is not None:
-        model = model.to(device)
-    model.requires_grad_(False)
-    processor = image_only_processor(processor_class).from_pretrained(path)
-    return cls(model, processor, feature=feature, model_id=str(model_path))

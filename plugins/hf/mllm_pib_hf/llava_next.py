@@ -9,7 +9,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_llama_tokenizer
-from mllm_pib_hf.anyres import AnyresBackbone, load_anyres
+from mllm_pib_hf.anyres import AnyresBackbone
 from mllm_pib_hf.tiny import TEMPLATE_WORDS, tiny_text_sizes, tiny_vision_sizes
 
 # The chat template llava-hf publishes with llava-v1.6-mistral-7b-hf (Mistral's [INST] format;
@@ -34,7 +34,6 @@ class LlavaNextBackbone(AnyresBackbone):
     grid with ``image_newline`` -> Mistral-7B-Instruct."""
 
     name = "llava_next"
-    tower = "clip"
     feature_choices = ("clip", "projector")
     num_views = staticmethod(image_size_to_num_patches)
 
@@ -42,8 +41,10 @@ class LlavaNextBackbone(AnyresBackbone):
 def load(model_path, *, feature=None, dtype=None, device=None) -> LlavaNextBackbone:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    return load_anyres(LlavaNextBackbone, LlavaNextForConditionalGeneration, LlavaNextProcessor, model_path,
-                       feature=feature, dtype=dtype, device=device)
+    from mllm_pib_hf.loading import load_published
+
+    return load_published(LlavaNextBackbone, LlavaNextForConditionalGeneration, LlavaNextProcessor, model_path,
+                          feature=feature, dtype=dtype, device=device)
 
 
 def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, legacy: bool = True,

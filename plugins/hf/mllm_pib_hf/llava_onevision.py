@@ -10,7 +10,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from mllm_pib.processor_backbone import image_only_processor
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_qwen2_tokenizer
-from mllm_pib_hf.anyres import AnyresBackbone, load_anyres
+from mllm_pib_hf.anyres import AnyresBackbone
 from mllm_pib_hf.tiny import TEMPLATE_WORDS, tiny_text_sizes, tiny_vision_sizes
 
 # The chat template llava-hf publishes with llava-onevision-qwen2-7b-ov-hf (ChatML; the images
@@ -37,7 +37,6 @@ class LlavaOnevisionBackbone(AnyresBackbone):
     Qwen2-7B-Instruct."""
 
     name = "llava_onevision"
-    tower = "siglip"
     feature_choices = ("siglip", "projector")
     end_of_turn = ("<|im_end|>",)
     num_views = staticmethod(image_size_to_num_patches)
@@ -46,8 +45,10 @@ class LlavaOnevisionBackbone(AnyresBackbone):
 def load(model_path, *, feature=None, dtype=None, device=None) -> LlavaOnevisionBackbone:
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 
-    return load_anyres(LlavaOnevisionBackbone, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, model_path,
-                       feature=feature, dtype=dtype, device=device)
+    from mllm_pib_hf.loading import load_published
+
+    return load_published(LlavaOnevisionBackbone, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor, model_path,
+                          feature=feature, dtype=dtype, device=device)
 
 
 def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, vocab_size: int = 512) -> None:

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
-from functools import partial
 from importlib import import_module
 
 from mllm_pib.hookspecs import hookimpl
 from mllm_pib.spec import BackboneSpec
 
-TINY = "tiny models only: "
+TINY_OPTIONS = {
+    "corpus": "tiny models only: texts the tokenizer is trained on",
+    "vocab_size": "tiny models only: trained tokenizer size",
+}
 QWEN_OPTIONS = {
-    "feature": "PIB vision features: vision (ViT patch features before the merger; default) | projector "
-               "(the merger's output, the LLM's visual tokens)",
     "min_pixels": "smallest resized image area in pixels (default: the checkpoint's; sets the fewest visual tokens)",
     "max_pixels": "largest resized image area in pixels (default: the checkpoint's; sets the most visual tokens)",
-    "corpus": TINY + "texts the tokenizer is trained on",
-    "vocab_size": TINY + "trained tokenizer size",
+}
+QWEN_FEATURES = "vision (ViT patch features before the merger; default) | projector (the merger's output)"
+# name -> (description, feature option help, extra options)
+BACKBONES = {
+    "llava_next": (
+        "LLaVA-NeXT / LLaVA-1.6 (CLIP anyres tiles + image_newline + Mistral), llava-hf layout",
+        "clip (layer -2 patches of every tile, CLS dropped; default) | projector",
+        {"legacy": "tiny models only: the Llama tokenizer's legacy setting (default true)"},
+    ),
+    "llava_onevision": (
+        "LLaVA-OneVision (SigLIP anyres_max_9 tiles + image_newline + Qwen2), llava-hf layout",
+        "siglip (last-layer patches of every tile; default) | projector",
+        {},
+    ),
+    "gemma3": (
+        "Gemma 3 (SigLIP 896 px pooled to 256 tokens, bidirectional over the image), Google layout",
+        "siglip (tower output, 4096 patches; default) | projector (the 256 tokens)",
+        {},
+    ),
+    "qwen2_vl": (
+        "Qwen2-VL (dynamic-resolution ViT + patch merger + Qwen2, M-RoPE), published layout",
+        QWEN_FEATURES, QWEN_OPTIONS,
+    ),
+    "qwen2_5_vl": (
+        "Qwen2.5-VL (windowed ViT + patch merger + Qwen2.5, M-RoPE), published layout",
+        QWEN_FEATURES, QWEN_OPTIONS,
+    ),
 }
 
 
@@ -25,43 +50,13 @@ def _lazy(module: str, function: str):
     return call
 
 
-def _qwen(name: str, description: str) -> BackboneSpec:
-    """Qwen2-VL and Qwen2.5-VL share one implementation; ``variant`` picks the classes."""
-    return BackboneSpec(
-        name=name, description=description, load=partial(_lazy("qwen2_vl", "load"), variant=name),
-        options=QWEN_OPTIONS, write_tiny=partial(_lazy("qwen2_vl_tiny", "write_tiny"), variant=name),
-        model_types=(name,),
-    )
-
-
 @hookimpl
 def mllm_pib_register_backbones():
     return [
         BackboneSpec(
-            name="llava_next",
-            description="LLaVA-NeXT / LLaVA-1.6 (CLIP anyres tiles + image_newline + Mistral), llava-hf layout",
-            load=_lazy("llava_next", "load"),
-            options={
-                "feature": "PIB vision features: clip (layer -2 patches of every tile, CLS dropped; default) | projector",
-                "corpus": TINY + "texts the tokenizer is trained on",
-                "legacy": TINY + "the Llama tokenizer's legacy setting (default true)",
-                "vocab_size": TINY + "trained tokenizer size",
-            },
-            write_tiny=_lazy("llava_next", "write_tiny"),
-            model_types=("llava_next",),
-        ),
-        BackboneSpec(
-            name="llava_onevision",
-            description="LLaVA-OneVision (SigLIP anyres_max_9 tiles + image_newline + Qwen2), llava-hf layout",
-            load=_lazy("llava_onevision", "load"),
-            options={
-                "feature": "PIB vision features: siglip (last-layer patches of every tile; default) | projector",
-                "corpus": TINY + "texts the tokenizer is trained on",
-                "vocab_size": TINY + "trained tokenizer size",
-            },
-            write_tiny=_lazy("llava_onevision", "write_tiny"),
-            model_types=("llava_onevision",),
-        ),
-        _qwen("qwen2_vl", "Qwen2-VL (dynamic-resolution ViT + patch merger + Qwen2, M-RoPE), published layout"),
-        _qwen("qwen2_5_vl", "Qwen2.5-VL (windowed ViT + patch merger + Qwen2.5, M-RoPE), published layout"),
+            name=name, description=description, load=_lazy(name, "load"),
+            options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **extra},
+            write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
+        )
+        for name, (description, feature, extra) in BACKBONES.items()
     ]

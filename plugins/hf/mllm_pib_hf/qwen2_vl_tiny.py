@@ -8,8 +8,8 @@ from collections.abc import Iterable
 
 import torch
 
+from mllm_pib.processor_backbone import image_only_processor
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_qwen2_tokenizer
-from mllm_pib_hf.qwen2_vl import VARIANTS, processor_class
 from mllm_pib_hf.tiny import TEMPLATE_WORDS, tiny_text_sizes
 
 # The chat template both instruct checkpoints publish (chat_template.json), verbatim.
@@ -34,16 +34,18 @@ MIN_PIXELS, MAX_PIXELS = (2 * PATCH * MERGE) ** 2, (4 * PATCH * MERGE) ** 2  # 4
 VISION_WIDTH = 32
 
 
-def tiny_processor(variant: str, corpus: Iterable[str], vocab_size: int = 512):
+def tiny_processor(backbone, corpus: Iterable[str], vocab_size: int = 512):
+    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = train_qwen2_tokenizer([*corpus, TEMPLATE_WORDS], vocab_size=vocab_size,
                                       extra_special_tokens=SPECIAL_TOKENS)
     images = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH, merge_size=MERGE)
-    return processor_class(VARIANTS[variant])(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor_class = image_only_processor(getattr(transformers, backbone.processor_class))
+    return processor_class(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(variant: str, tokenizer):
+def tiny_config(name: str, tokenizer):
     """The variant's config at toy sizes: the distribution's tiny decoder with M-RoPE, a 2-block
     ViT 32 wide over the published 14 px patches and 2 x 2 merge."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
@@ -61,7 +63,7 @@ def tiny_config(variant: str, tokenizer):
                          "mrope_section": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]},
     )
     vision = dict(depth=layers, num_heads=heads, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2)
-    if variant == "qwen2_5_vl":
+    if name == "qwen2_5_vl":
         # windows of 2 x 2 visual tokens, full attention in the last block, as the 7B's every 8th
         vision.update(hidden_size=VISION_WIDTH, out_hidden_size=hidden, intermediate_size=2 * VISION_WIDTH,
                       window_size=2 * PATCH * MERGE, fullatt_block_indexes=[layers - 1])
@@ -70,18 +72,18 @@ def tiny_config(variant: str, tokenizer):
     return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, variant: str = "qwen2_vl",
+def write_tiny(backbone, out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *,
                vocab_size: int = 512) -> None:
-    """Write a tiny random ``Qwen2VLForConditionalGeneration`` (``variant="qwen2_vl"``) or
-    ``Qwen2_5_VLForConditionalGeneration`` (``"qwen2_5_vl"``) and its processor to ``out_dir``."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    """Write a tiny random model of ``backbone``'s class (a :class:`~mllm_pib_hf.qwen2_vl.QwenVLBackbone`)
+    and its processor to ``out_dir``."""
+    import transformers
+    from transformers import GenerationConfig
 
-    processor = tiny_processor(variant, corpus, vocab_size)
+    processor = tiny_processor(backbone, corpus, vocab_size)
     tokenizer = processor.tokenizer
-    config = tiny_config(variant, tokenizer)
+    config = tiny_config(backbone.name, tokenizer)
     torch.manual_seed(seed)
-    model_class = Qwen2_5_VLForConditionalGeneration if variant == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-    model = model_class(config).eval()
+    model = getattr(transformers, backbone.model_class)(config).eval()
     # the instruct checkpoints end a turn at <|im_end|> or <|endoftext|>
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,

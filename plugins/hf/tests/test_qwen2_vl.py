@@ -93,7 +93,7 @@ def test_tiny_layout(tiny, backbone):
 
 def test_prompt_and_answer_ids_equal_the_published_template(backbone):
     tok = backbone.tokenizer
-    size = dict(backbone.image_processor.size)
+    size = dict(backbone.processor.image_processor.size)
     for question, answer, image in zip(QUESTIONS, ANSWERS, pictures(2)):
         n = smart_resize_tokens(*image.size, size["shortest_edge"], size["longest_edge"])
         text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"

@@ -1,7 +1,8 @@
-"""llava_next and llava_onevision against transformers' own model and processor: prompt and
-answer ids as the published conversation format gives them, identity-block logits equal to the
-model's forward, greedy and beam tokens equal to its ``generate`` (batched, left padding,
-images of different sizes and tile grids), features as the model computes them, and the CLI."""
+"""llava_next, llava_onevision and gemma3 against transformers' own model and processor: prompt
+and answer ids as the published conversation format gives them, identity-block logits equal to
+the model's forward, greedy and beam tokens equal to its ``generate`` (batched, left padding,
+images of different sizes, and so of different tile grids for the anyres models), features as
+the model computes them, and the CLI."""
 
 import json
 
@@ -13,12 +14,20 @@ from mllm_pib.cli import main
 from mllm_pib.model import PIBModel
 from mllm_pib.plugins import get_backbone
 
-BACKBONES = ["llava_next", "llava_onevision"]
+BACKBONES = ["llava_next", "llava_onevision", "gemma3"]
 # The published single-turn formats, written out (llava-hf model cards): prompt, answer.
 FORMATS = {
     "llava_next": ("[INST] <image>\n{question} [/INST]", " {answer}</s>"),
     "llava_onevision": ("<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n", "{answer}<|im_end|>"),
+    "gemma3": ("<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n", "{answer}<end_of_turn>"),
 }
+CLASSES = {  # processor, tokenizer as saved
+    "llava_next": ("LlavaNextProcessor", "LlamaTokenizer"),
+    "llava_onevision": ("LlavaOnevisionProcessor", "Qwen2Tokenizer"),
+    "gemma3": ("Gemma3Processor", "GemmaTokenizer"),
+}
+END_OF_TURN = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"], "gemma3": ["<end_of_turn>", "<eos>"]}
+ANYRES = ("llava_next", "llava_onevision")
 QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
 ANSWERS = ["Yes, there is a cat.", "The image shows a red circle, a blue square and a green tree."]
 
@@ -28,17 +37,30 @@ def pictures():
     return [Image.new("RGB", (40, 52), (200, 30, 30)), Image.new("RGB", (90, 20), (20, 90, 220))]
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
-def tiny(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    get_backbone(request.param).write_tiny(str(out), seed=0)
-    return request.param, str(out), get_backbone(request.param).load(str(out))
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``built(name)`` -> (name, directory, backbone) of a tiny model, written once."""
+    made = {}
+
+    def build(name):
+        if name not in made:
+            out = tmp_path_factory.mktemp(name)
+            get_backbone(name).write_tiny(str(out), seed=0)
+            made[name] = (name, str(out), get_backbone(name).load(str(out)))
+        return made[name]
+
+    return build
+
+
+@pytest.fixture(params=BACKBONES)
+def tiny(request, built):
+    return built(request.param)
 
 
 def published_inputs(backbone, name, questions, images):
     """The model-card usage: the prompt text written out, then the processor on text + images."""
     texts = [FORMATS[name][0].format(question=q) for q in questions]
-    return backbone.processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return backbone.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
 
 
 def test_tiny_layout(tiny):
@@ -46,12 +68,9 @@ def test_tiny_layout(tiny):
     config = json.loads(open(f"{path}/config.json").read())
     assert config["model_type"] == name and get_backbone(name).spec.model_types == (name,)
     processor = json.loads(open(f"{path}/processor_config.json").read())
-    assert processor["processor_class"] == {"llava_next": "LlavaNextProcessor",
-                                            "llava_onevision": "LlavaOnevisionProcessor"}[name]
     tokenizer = json.loads(open(f"{path}/tokenizer_config.json").read())
-    assert tokenizer["tokenizer_class"] == {"llava_next": "LlamaTokenizer", "llava_onevision": "Qwen2Tokenizer"}[name]
-    end = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"]}[name]
-    assert backbone.stop_sequences == [[i] for i in backbone.tokenizer.convert_tokens_to_ids(end)]
+    assert (processor["processor_class"], tokenizer["tokenizer_class"]) == CLASSES[name]
+    assert backbone.stop_sequences == [[i] for i in backbone.tokenizer.convert_tokens_to_ids(END_OF_TURN[name])]
 
 
 def test_prompt_and_answer_ids_equal_the_published_format(tiny):
@@ -61,9 +80,10 @@ def test_prompt_and_answer_ids_equal_the_published_format(tiny):
     for question, image in zip(QUESTIONS, pictures()):
         expected = published_inputs(backbone, name, [question], [image])["input_ids"][0].tolist()
         assert backbone.prompt_ids(question, image) == expected
-        assert expected.count(backbone.image_token_id) > 16  # the base view and at least one tile
+        assert expected.count(backbone.image_token_id) >= 16  # tiny models: 16 tokens a view or image
+        assert expected.count(backbone.tokenizer.bos_token_id) == (backbone.tokenizer.bos_token_id is not None)
     counts = {backbone.prompt_ids(QUESTIONS[0], image).count(backbone.image_token_id) for image in pictures()}
-    assert len(counts) == 2  # the count follows the image
+    assert len(counts) == (2 if name in ANYRES else 1)  # anyres: the count follows the image
     for answer in ANSWERS:
         prompt = prompt_format.format(question="?")
         before = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -105,10 +125,11 @@ def test_identity_block_generation_equals_transformers_generate(tiny, num_beams)
     assert (expected[:, width:] == backbone.pad_token_id).all()
 
 
+@pytest.mark.parametrize("name", ANYRES)
 @pytest.mark.parametrize("feature", ["tower", "projector"])
 @torch.no_grad()
-def test_features_are_what_the_model_computes(tiny, feature):
-    name, path, _ = tiny
+def test_anyres_features_are_what_the_model_computes(built, name, feature):
+    _, path, _ = built(name)
     choice = {"tower": {"llava_next": "clip", "llava_onevision": "siglip"}[name], "projector": "projector"}[feature]
     backbone = get_backbone(name).load(path, feature=choice)
     inputs = backbone.preprocess(pictures())
@@ -133,12 +154,9 @@ def open_block(model_dir, name, out) -> str:
     from mllm_pib.checkpoint import load_model, save_checkpoint
     from mllm_pib.freezing import FreezePolicy
 
-    torch.manual_seed(0)
     model = load_model(model_dir, backbone=name)
-    with torch.no_grad():
-        for param_name, param in model.pib.named_parameters():
-            if param_name.endswith("gate"):
-                param.fill_(0.5)
+    gates = {key: torch.full_like(value, 0.5) for key, value in model.pib.state_dict().items() if key.endswith("gate")}
+    model.pib.load_state_dict(gates, strict=False)
     save_checkpoint(out, model, FreezePolicy.preset("stage1"))
     return str(out)
 
@@ -170,3 +188,33 @@ def test_cli_tiny_model_generate_compare_export_and_pope(tiny, tmp_path, capsys)
                  "--out", str(tmp_path / "out"), "--max-new-tokens", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["random"]["total"] == len(pope.load_questions(tmp_path / "pope" / "coco_pope_random.json"))
+
+
+@pytest.mark.parametrize("feature", ["siglip", "projector"])
+@torch.no_grad()
+def test_gemma3_features_are_what_the_model_computes(built, feature):
+    _, path, _ = built("gemma3")
+    backbone = get_backbone("gemma3").load(path, feature=feature)
+    inputs = backbone.preprocess(pictures())
+    feats = backbone.encode_vision(**inputs)
+    inner = backbone.model.model
+    tower = inner.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state
+    projected = inner.multi_modal_projector(tower)
+    assert projected.shape[1] == 16 and feats.llm_mask is None and feats.pib_mask is None
+    assert torch.allclose(feats.llm, projected, atol=1e-6)
+    assert torch.allclose(feats.pib, tower if feature == "siglip" else projected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_gemma3_image_tokens_attend_both_ways(built):
+    """The logits equal the model's only with its bidirectional image mask: without
+    ``token_type_ids`` (causal attention throughout) the model gives other logits."""
+    _, _, backbone = built("gemma3")
+    model = PIBModel(backbone)
+    alone = published_inputs(backbone, "gemma3", QUESTIONS[:1], pictures()[:1])
+    batch = model.prompt_batch(pictures()[:1], QUESTIONS[:1])
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["vision_inputs"])
+    causal = backbone.model(**{k: v for k, v in alone.items() if k != "token_type_ids"}).logits
+    assert torch.allclose(logits, backbone.model(**alone).logits, atol=1e-4)
+    assert not torch.allclose(logits, causal, atol=1e-2)
+    assert not backbone.packs_pairs
