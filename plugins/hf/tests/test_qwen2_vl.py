@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from mllm_pib.backbone import position_ids_from_mask
 from mllm_pib.cli import main
 from mllm_pib.model import PIBModel
 from mllm_pib.plugins import get_backbone
 from mllm_pib_hf.mrope import llm_grids, mrope_positions
-from mllm_pib.backbone import position_ids_from_mask
 
 VARIANTS = ["qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
