@@ -11,7 +11,12 @@ TINY_OPTIONS = {
     "corpus": "tiny models only: texts the tokenizer is trained on",
     "vocab_size": "tiny models only: trained tokenizer size",
 }
-# name -> (description, feature option help, extra tiny options)
+QWEN_OPTIONS = {
+    "min_pixels": "smallest resized image area in pixels (default: the checkpoint's; sets the fewest visual tokens)",
+    "max_pixels": "largest resized image area in pixels (default: the checkpoint's; sets the most visual tokens)",
+}
+QWEN_FEATURES = "vision (ViT patch features before the merger; default) | projector (the merger's output)"
+# name -> (description, feature option help, extra options)
 BACKBONES = {
     "llava_next": (
         "LLaVA-NeXT / LLaVA-1.6 (CLIP anyres tiles + image_newline + Mistral), llava-hf layout",
@@ -28,6 +33,14 @@ BACKBONES = {
         "siglip (tower output, 4096 patches; default) | projector (the 256 tokens)",
         {},
     ),
+    "qwen2_vl": (
+        "Qwen2-VL (dynamic-resolution ViT + patch merger + Qwen2, M-RoPE), published layout",
+        QWEN_FEATURES, QWEN_OPTIONS,
+    ),
+    "qwen2_5_vl": (
+        "Qwen2.5-VL (windowed ViT + patch merger + Qwen2.5, M-RoPE), published layout",
+        QWEN_FEATURES, QWEN_OPTIONS,
+    ),
 }
 
 
@@ -42,8 +55,8 @@ def mllm_pib_register_backbones():
     return [
         BackboneSpec(
             name=name, description=description, load=_lazy(name, "load"),
-            options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **tiny},
+            options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **extra},
             write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
         )
-        for name, (description, feature, tiny) in BACKBONES.items()
+        for name, (description, feature, extra) in BACKBONES.items()
     ]
