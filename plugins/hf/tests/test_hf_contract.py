@@ -1,0 +1,37 @@
+"""The backbone contract kit, run against each of this distribution's tiny checkpoints."""
+
+from mllm_pib.testing import BackboneContractTests
+
+
+class TestLlavaNextContract(BackboneContractTests):
+    backbone_name = "llava_next"
+
+
+class TestLlavaOnevisionContract(BackboneContractTests):
+    backbone_name = "llava_onevision"
+
+
+class TestGemma3Contract(BackboneContractTests):
+    backbone_name = "gemma3"
+
+    def native_logits(self, backbone, input_ids, attention_mask, vision_inputs):
+        # the model attends both ways over the image only where token_type_ids mark it
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        token_types = (input_ids == backbone.image_token_id).long()
+        return backbone.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              token_type_ids=token_types, **vision_inputs).logits
+
+
+class TestQwen2VLContract(BackboneContractTests):
+    backbone_name = "qwen2_vl"
+
+    def native_logits(self, backbone, input_ids, attention_mask, vision_inputs):
+        # no position ids: the model derives its 3-D rotary positions from the image tokens
+        # (mm_token_type_ids 1), the grids and the mask
+        image_tokens = (input_ids == backbone.image_token_id).long()
+        return backbone.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=image_tokens,
+                              **vision_inputs).logits
+
+
+class TestQwen25VLContract(TestQwen2VLContract):
+    backbone_name = "qwen2_5_vl"
