@@ -72,7 +72,6 @@ class AnyresBackbone(HFBackbone):
                                     patch_size=config.vision_config.image_size)
 
 
-
 class _Projector(torch.nn.Module):
     """The projector MLP and the newline embedding, as one part for the freezing policy."""
 
