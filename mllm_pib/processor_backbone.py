@@ -86,12 +86,19 @@ class ProcessorBackbone(DecoderBackbone):
 
     def preprocess(self, images: list, questions: list[str] | None = None) -> dict[str, torch.Tensor]:
         """The image processor's outputs for the batch; pixels in the model's dtype."""
-        out = self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")
+        out = self.processor.image_processor(self.image_batch([image.convert("RGB") for image in images]),
+                                             return_tensors="pt")
         device, dtype = self.decoder.device, self.decoder.dtype
         return {
             name: value.to(device, dtype) if value.is_floating_point() else value.to(device)
             for name, value in out.items()
         }
+
+
+    def image_batch(self, images: list) -> list:
+        """The image processor's input for one image per sample. Default: the flat list; a
+        processor that reads a flat list as the images of one sample gets ``[[image], ...]``."""
+        return images
 
 
 def image_only_processor(processor_class: type) -> type:

@@ -148,20 +148,9 @@ def train_qwen2_tokenizer(
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    model = Tokenizer(models.BPE())
-    model.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    model.train_from_iterator(list(corpus), trainer=trainer)
-    trained = json.loads(model.to_str())["model"]
-    vocab = dict(sorted(trained["vocab"].items(), key=lambda item: item[1]))
+    vocab, merges = _train_byte_level_bpe(corpus, vocab_size, _split_then_bytes(PRETOKENIZE_REGEX))
     for token in QWEN2_SPECIALS:
         vocab[token] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
     return Qwen2Tokenizer(
         vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", padding_side=padding_side,
@@ -208,3 +197,88 @@ def train_gemma_tokenizer(
                                extra_special_tokens=named or None)
     tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA_SPECIALS[5:])})
     return tokenizer
+
+
+def _split_then_bytes(regex: str):
+    """A pre-tokenizer that splits on ``regex``, then maps each piece to byte-level characters."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _train_byte_level_bpe(corpus: Iterable[str], vocab_size: int, pre_tokenizer) -> tuple[dict[str, int], list]:
+    """A byte-level BPE vocabulary (ids from 0, in training order) and its merges, trained on
+    ``corpus`` with ``pre_tokenizer``; every byte is in the vocabulary."""
+    model = Tokenizer(models.BPE())
+    model.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    model.train_from_iterator(list(corpus), trainer=trainer)
+    trained = json.loads(model.to_str())["model"]
+    vocab = dict(sorted(trained["vocab"].items(), key=lambda item: item[1]))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    return vocab, merges
+
+
+# Llama 3's pre-tokenizer: Qwen2's, but numbers split into runs of up to three digits
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>")
+
+
+def train_llama3_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    extra_special_tokens: Iterable[str] = (),
+    padding_side: str = "left",
+) -> PreTrainedTokenizerFast:
+    """A fast tokenizer laid out as Llama 3's: a byte-level BPE vocabulary trained on ``corpus``
+    (Llama 3's pre-tokenizer regex), then ``<|begin_of_text|>`` (BOS, added to every text)
+    ``<|end_of_text|>`` (EOS) ``<|reserved_special_token_0|>`` (padding, as Idefics3 pads), then
+    ``extra_special_tokens``. ``vocab_size`` counts the trained pieces only."""
+    vocab, merges = _train_byte_level_bpe(corpus, vocab_size, _split_then_bytes(LLAMA3_REGEX))
+    for token in LLAMA3_SPECIALS:
+        vocab[token] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = _split_then_bytes(LLAMA3_REGEX)
+    tokenizer.decoder = decoders.ByteLevel()
+    bos = LLAMA3_SPECIALS[0]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=LLAMA3_SPECIALS[1], pad_token=LLAMA3_SPECIALS[2],
+        padding_side=padding_side, extra_special_tokens=list(extra_special_tokens) or None,
+    )
+
+
+SMOLLM2_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def train_gpt2_tokenizer(
+    corpus: Iterable[str] = (DEFAULT_CORPUS,),
+    *,
+    vocab_size: int = 512,
+    extra_special_tokens: Iterable[str] = (),
+    bos_token: str = SMOLLM2_SPECIALS[1],
+    eos_token: str = SMOLLM2_SPECIALS[2],
+    pad_token: str = SMOLLM2_SPECIALS[2],
+    padding_side: str = "left",
+):
+    """A ``GPT2Tokenizer`` laid out as SmolLM2's: ``<|endoftext|>`` ``<|im_start|>``
+    ``<|im_end|>`` 0-2, then a byte-level BPE vocabulary trained on ``corpus`` (GPT-2's
+    pre-tokenizer, no prefix space), then ``extra_special_tokens``; no BOS added to texts.
+    ``vocab_size`` counts the trained pieces only."""
+    from transformers import GPT2Tokenizer
+
+    trained, merges = _train_byte_level_bpe(corpus, vocab_size, pre_tokenizers.ByteLevel(add_prefix_space=False))
+    vocab = {token: index for index, token in enumerate(SMOLLM2_SPECIALS)}
+    for piece in trained:
+        vocab.setdefault(piece, len(vocab))
+    return GPT2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=SMOLLM2_SPECIALS[0], bos_token=bos_token, eos_token=eos_token,
+        pad_token=pad_token, padding_side=padding_side, extra_special_tokens=list(extra_special_tokens) or None,
+    )

@@ -21,7 +21,8 @@ def name(path: Path) -> str:
 
 def test_every_backbone_has_a_published_training_config():
     published = {load_config(path).backbone for path in REPO.glob("configs/*.yaml")}
-    assert published >= {"llava", "instructblip", "minigpt4", "llava_next", "llava_onevision", "gemma3"}
+    assert published >= {"llava", "instructblip", "minigpt4", "llava_next", "llava_onevision", "gemma3",
+                         "idefics3", "smolvlm"}
     variants = {load_config(path).backbone_options.get("variant") for path in REPO.glob("configs/minigpt4_*.yaml")}
     assert variants == {"v1", "llama2"}
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from mllm_pib.errors import UserError
 from mllm_pib.processor_backbone import ProcessorBackbone
 
@@ -11,6 +13,11 @@ class HFBackbone(ProcessorBackbone):
     """A published VLM on its own transformers class. ``feature_choices[0]`` is the default
     feature: the vision tower's output, ``tower_width()`` wide; ``"projector"`` is what the LLM
     receives (hidden-size wide)."""
+
+    decoder_name: ClassVar[str] = "language_model"
+    """The attribute of ``model.model`` holding the decoder."""
+    model_type: ClassVar[str] = ""
+    """The ``config.json`` ``model_type`` of the checkpoints it loads (empty: the backbone's name)."""
 
     def __init__(self, model, processor, feature: str | None = None, model_id: str = ""):
         super().__init__()
@@ -23,7 +30,7 @@ class HFBackbone(ProcessorBackbone):
         self.feature = feature
         self.model_id = model_id
         self.image_token_id = model.config.image_token_id
-        self.decoder = model.model.language_model
+        self.decoder = getattr(model.model, self.decoder_name)
         self._lm_head = model.lm_head
         self.hidden_size = model.config.text_config.hidden_size
         self.pib_vision_size = self.hidden_size if feature == "projector" else self.tower_width()

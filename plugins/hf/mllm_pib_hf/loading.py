@@ -18,10 +18,10 @@ def load_published(cls, model_class, processor_class, model_path: str | None, *,
     path = Path(model_path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json; expected a {cls.name} model directory in the published hub layout")
-    model_type = read_json(path / "config.json").get("model_type")
-    if model_type != cls.name:
-        raise UserError(f"{path / 'config.json'}: model_type {model_type!r} is not {cls.name!r}; "
-                        f"the {cls.name} backbone loads {cls.name} checkpoints only")
+    model_type, expected = read_json(path / "config.json").get("model_type"), cls.model_type or cls.name
+    if model_type != expected:
+        raise UserError(f"{path / 'config.json'}: model_type {model_type!r} is not {expected!r}; "
+                        f"the {cls.name} backbone loads {expected} checkpoints only")
     model = model_class.from_pretrained(path, dtype=resolve_dtype(dtype))
     if device is not None:
         model = model.to(device)

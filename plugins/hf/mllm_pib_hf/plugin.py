@@ -15,6 +15,7 @@ QWEN_OPTIONS = {
     "min_pixels": "smallest resized image area in pixels (default: the checkpoint's; sets the fewest visual tokens)",
     "max_pixels": "largest resized image area in pixels (default: the checkpoint's; sets the most visual tokens)",
 }
+IDEFICS3_FEATURES = "siglip (tower patches of every tile; default) | projector (the pixel-shuffled, projected tokens)"
 QWEN_FEATURES = "vision (ViT patch features before the merger; default) | projector (the merger's output)"
 # name -> (description, feature option help, extra options)
 BACKBONES = {
@@ -41,7 +42,18 @@ BACKBONES = {
         "Qwen2.5-VL (windowed ViT + patch merger + Qwen2.5, M-RoPE), published layout",
         QWEN_FEATURES, QWEN_OPTIONS,
     ),
+    "idefics3": (
+        "Idefics3 (SigLIP on split tiles + global view, pixel shuffle, Llama 3), published layout",
+        IDEFICS3_FEATURES, {},
+    ),
+    "smolvlm": (
+        "SmolVLM-Instruct (an Idefics3 with SmolLM2; model_type idefics3, so named with --backbone)",
+        IDEFICS3_FEATURES, {},
+    ),
 }
+# model_type -> backbone, where the checkpoints do not carry the backbone's name: SmolVLM-Instruct
+# publishes model_type "idefics3", which the idefics3 backbone claims
+MODEL_TYPES = {"smolvlm": ()}
 
 
 def _lazy(module: str, function: str):
@@ -56,7 +68,7 @@ def mllm_pib_register_backbones():
         BackboneSpec(
             name=name, description=description, load=_lazy(name, "load"),
             options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **extra},
-            write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
+            write_tiny=_lazy(name, "write_tiny"), model_types=MODEL_TYPES.get(name, (name,)),
         )
         for name, (description, feature, extra) in BACKBONES.items()
     ]

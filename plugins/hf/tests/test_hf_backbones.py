@@ -1,7 +1,7 @@
-"""llava_next, llava_onevision and gemma3 against transformers' own model and processor: prompt
+"""llava_next, llava_onevision, gemma3, idefics3 and smolvlm against transformers' own model and processor: prompt
 and answer ids as the published conversation format gives them, identity-block logits equal to
 the model's forward, greedy and beam tokens equal to its ``generate`` (batched, left padding,
-images of different sizes, and so of different tile grids for the anyres models), features as
+images of different sizes, and so of different tile grids for the tiling models), features as
 the model computes them, and the CLI."""
 
 import json
@@ -14,20 +14,29 @@ from mllm_pib.cli import main
 from mllm_pib.model import PIBModel
 from mllm_pib.plugins import get_backbone
 
-BACKBONES = ["llava_next", "llava_onevision", "gemma3"]
+BACKBONES = ["llava_next", "llava_onevision", "gemma3", "idefics3", "smolvlm"]
 # The published single-turn formats, written out (llava-hf model cards): prompt, answer.
 FORMATS = {
     "llava_next": ("[INST] <image>\n{question} [/INST]", " {answer}</s>"),
     "llava_onevision": ("<|im_start|>user\n<image>\n{question}<|im_end|>\n<|im_start|>assistant\n", "{answer}<|im_end|>"),
     "gemma3": ("<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n", "{answer}<end_of_turn>"),
+    # Idefics3 adds its BOS <|begin_of_text|> to the text; SmolVLM's <|im_start|> is written out
+    "idefics3": ("User:<image>{question}<end_of_utterance>\nAssistant:", " {answer}<end_of_utterance>"),
+    "smolvlm": ("<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:", " {answer}<end_of_utterance>"),
 }
 CLASSES = {  # processor, tokenizer as saved
     "llava_next": ("LlavaNextProcessor", "LlamaTokenizer"),
     "llava_onevision": ("LlavaOnevisionProcessor", "Qwen2Tokenizer"),
     "gemma3": ("Gemma3Processor", "GemmaTokenizer"),
+    "idefics3": ("Idefics3Processor", "TokenizersBackend"),  # transformers 5's name for PreTrainedTokenizerFast
+    "smolvlm": ("Idefics3Processor", "GPT2Tokenizer"),
 }
-END_OF_TURN = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"], "gemma3": ["<end_of_turn>", "<eos>"]}
+# SmolVLM-Instruct is published as an Idefics3 checkpoint, which the idefics3 backbone claims
+MODEL_TYPE = {"smolvlm": "idefics3"}
+END_OF_TURN = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"], "gemma3": ["<end_of_turn>", "<eos>"],
+               "idefics3": ["<end_of_utterance>", "<|end_of_text|>"], "smolvlm": ["<end_of_utterance>"]}
 ANYRES = ("llava_next", "llava_onevision")
+IDEFICS3 = ("idefics3", "smolvlm")
 QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
 ANSWERS = ["Yes, there is a cat.", "The image shows a red circle, a blue square and a green tree."]
 
@@ -66,7 +75,11 @@ def published_inputs(backbone, name, questions, images):
 def test_tiny_layout(tiny):
     name, path, backbone = tiny
     config = json.loads(open(f"{path}/config.json").read())
-    assert config["model_type"] == name and get_backbone(name).spec.model_types == (name,)
+    from mllm_pib.plugins import resolve_backbone
+
+    model_type = MODEL_TYPE.get(name, name)
+    assert config["model_type"] == model_type and resolve_backbone(path) == model_type
+    assert get_backbone(name).spec.model_types == (() if name in MODEL_TYPE else (name,))
     processor = json.loads(open(f"{path}/processor_config.json").read())
     tokenizer = json.loads(open(f"{path}/tokenizer_config.json").read())
     assert (processor["processor_class"], tokenizer["tokenizer_class"]) == CLASSES[name]
@@ -83,7 +96,7 @@ def test_prompt_and_answer_ids_equal_the_published_format(tiny):
         assert expected.count(backbone.image_token_id) >= 16  # tiny models: 16 tokens a view or image
         assert expected.count(backbone.tokenizer.bos_token_id) == (backbone.tokenizer.bos_token_id is not None)
     counts = {backbone.prompt_ids(QUESTIONS[0], image).count(backbone.image_token_id) for image in pictures()}
-    assert len(counts) == (2 if name in ANYRES else 1)  # anyres: the count follows the image
+    assert len(counts) == (2 if name in ANYRES + IDEFICS3 else 1)  # tiles: the count follows the image
     for answer in ANSWERS:
         prompt = prompt_format.format(question="?")
         before = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -247,3 +260,35 @@ def test_pairs_of_images_with_different_token_counts_score_as_each_alone(tiny):
             assert torch.allclose(policy.logps[[i, 2 + i]], one_policy.logps, atol=1e-4)
             assert torch.allclose(reference.logps[[i, 2 + i]], one_reference.logps, atol=1e-4)
     assert not torch.allclose(policy.logps, reference.logps, atol=1e-3)  # the block is not the identity
+
+
+@pytest.mark.parametrize("name", IDEFICS3)
+@pytest.mark.parametrize("feature", ["siglip", "projector"])
+@torch.no_grad()
+def test_idefics3_features_are_what_the_model_computes(built, name, feature):
+    """Batched images of different tile counts (the smaller padded with all-zero tiles) give, per
+    image, the tower's patches of its real tiles and the connector's tokens: equal to the model's
+    ``get_image_features`` on the image alone, and to a pixel shuffle written out here."""
+    _, path, _ = built(name)
+    backbone = get_backbone(name).load(path, feature=feature)
+    inputs = backbone.preprocess(pictures())
+    feats = backbone.encode_vision(**inputs)
+    inner, config = backbone.model.model, backbone.model.config
+    real = (inputs["pixel_values"] != 0).flatten(2).any(-1)
+    assert real.sum(1).tolist()[0] != real.sum(1).tolist()[1] and not real.all()  # padding tiles in the batch
+    scale, patches = config.scale_factor, config.vision_config.image_size // config.vision_config.patch_size
+    for row, image in enumerate(pictures()):
+        alone = backbone.preprocess([image])
+        tiles = alone["pixel_values"][0]
+        assert int(real[row].sum()) == len(tiles)
+        tower = inner.vision_model(pixel_values=tiles).last_hidden_state  # [tiles, patches^2, Dv]
+        grid = patches // scale  # token (I, J) concatenates the scale x scale patches of its block, row by row
+        shuffled = tower.reshape(len(tiles), grid, scale, grid, scale, -1).permute(0, 1, 3, 2, 4, 5)
+        projected = inner.connector.modality_projection(shuffled.reshape(len(tiles) * grid * grid, -1))
+        assert torch.allclose(inner.get_image_features(**alone).pooler_output[0], projected, atol=1e-5)
+        valid = feats.llm_mask[row]
+        assert torch.allclose(feats.llm[row, valid], projected, atol=1e-5) and int(valid.sum()) == len(projected)
+        expected = projected if feature == "projector" else tower.flatten(0, 1)
+        assert torch.allclose(feats.pib[row, feats.pib_mask[row]], expected, atol=1e-5)
+        assert int(feats.pib_mask[row].sum()) == len(expected)
+    assert feats.pib.shape[-1] == backbone.pib_vision_size

@@ -35,3 +35,18 @@ class TestQwen2VLContract(BackboneContractTests):
 
 class TestQwen25VLContract(TestQwen2VLContract):
     backbone_name = "qwen2_5_vl"
+
+
+class TestIdefics3Contract(BackboneContractTests):
+    backbone_name = "idefics3"
+
+    def native_logits(self, backbone, input_ids, attention_mask, vision_inputs):
+        # the model's forward reads the tile pixels and their pixel_attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return backbone.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              pixel_values=vision_inputs["pixel_values"],
+                              pixel_attention_mask=vision_inputs["pixel_attention_mask"]).logits
+
+
+class TestSmolVLMContract(TestIdefics3Contract):
+    backbone_name = "smolvlm"
