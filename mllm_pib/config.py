@@ -62,6 +62,8 @@ class Bootstrap(Strict):
     """Self-contained runs: build a tiny model and synthetic data when the paths are absent."""
 
     tiny_model: bool = False
+    tiny_options: dict[str, Any] = Field(default_factory=dict,
+                                         description="options given to the backbone's write_tiny (e.g. a layout)")
     synthetic_scenes: int = Field(default=0, ge=0, description="scenes of the synthetic world to export")
     data_dir: str | None = Field(default=None, description="where the synthetic data is exported")
     seed: int = 0

@@ -267,11 +267,14 @@ def train_gpt2_tokenizer(
     eos_token: str = SMOLLM2_SPECIALS[2],
     pad_token: str = SMOLLM2_SPECIALS[2],
     padding_side: str = "left",
+    **named_tokens: str,
 ):
     """A ``GPT2Tokenizer`` laid out as SmolLM2's: ``<|endoftext|>`` ``<|im_start|>``
     ``<|im_end|>`` 0-2, then a byte-level BPE vocabulary trained on ``corpus`` (GPT-2's
     pre-tokenizer, no prefix space), then ``extra_special_tokens``; no BOS added to texts.
-    ``vocab_size`` counts the trained pieces only."""
+    ``vocab_size`` counts the trained pieces only. ``named_tokens`` (``image_token="<image>"``)
+    become tokenizer attributes saved in its config, as multimodal tokenizers name the tokens
+    their processor reads."""
     from transformers import GPT2Tokenizer
 
     trained, merges = _train_byte_level_bpe(corpus, vocab_size, pre_tokenizers.ByteLevel(add_prefix_space=False))
@@ -281,4 +284,5 @@ def train_gpt2_tokenizer(
     return GPT2Tokenizer(
         vocab=vocab, merges=merges, unk_token=SMOLLM2_SPECIALS[0], bos_token=bos_token, eos_token=eos_token,
         pad_token=pad_token, padding_side=padding_side, extra_special_tokens=list(extra_special_tokens) or None,
+        **named_tokens,
     )

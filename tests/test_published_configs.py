@@ -25,6 +25,9 @@ def test_every_backbone_has_a_published_training_config():
                          "idefics3", "smolvlm"}
     variants = {load_config(path).backbone_options.get("variant") for path in REPO.glob("configs/minigpt4_*.yaml")}
     assert variants == {"v1", "llama2"}
+    # smolvlm loads both published layouts: SmolVLM-Instruct (model_type idefics3) and SmolVLM2
+    smolvlm = {load_config(path).model for path in REPO.glob("configs/smolvlm*.yaml")}
+    assert smolvlm == {"HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"}
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=name)

@@ -44,7 +44,7 @@ def bootstrap(config: TrainConfig) -> None:
         return
     if model_missing():
         logger.info(f"bootstrap: writing a tiny random {config.backbone} model to {config.model}")
-        get_backbone(config.backbone).write_tiny(config.model, seed=boot.seed)
+        get_backbone(config.backbone).write_tiny(config.model, seed=boot.seed, **boot.tiny_options)
     if data_missing():
         from mllm_pib.demo.world import World, export_dataset
 

@@ -16,8 +16,6 @@ class HFBackbone(ProcessorBackbone):
 
     decoder_name: ClassVar[str] = "language_model"
     """The attribute of ``model.model`` holding the decoder."""
-    model_type: ClassVar[str] = ""
-    """The ``config.json`` ``model_type`` of the checkpoints it loads (empty: the backbone's name)."""
 
     def __init__(self, model, processor, feature: str | None = None, model_id: str = ""):
         super().__init__()

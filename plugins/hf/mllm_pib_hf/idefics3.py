@@ -1,5 +1,7 @@
 """Idefics3 (``HuggingFaceM4/Idefics3-8B-Llama3``) on ``transformers.Idefics3ForConditionalGeneration``
-and ``Idefics3Processor``; the family that SmolVLM (:mod:`mllm_pib_hf.smolvlm`) belongs to.
+and ``Idefics3Processor``; the family that SmolVLM (:mod:`mllm_pib_hf.smolvlm`) belongs to, whose
+SmolVLM2 checkpoints are the second published :class:`Layout` (``model_type: smolvlm`` on
+transformers' ``SmolVLM*`` subclasses of the Idefics3 classes).
 
 With image splitting on, the processor resizes an image so that its sides are multiples of the
 tile size, cuts it into a grid of tiles and adds a downscaled global view; the prompt gets one
@@ -13,11 +15,14 @@ and a linear projection into the decoder's width.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
 from mllm_pib.backbone import VisionFeatures, pad_visual
+from mllm_pib.processor_backbone import image_only_processor
 from mllm_pib.tokenizer import DEFAULT_CORPUS, train_llama3_tokenizer
 from mllm_pib_hf.base import HFBackbone
 from mllm_pib_hf.tiny import TEMPLATE_WORDS, tiny_text_sizes, tiny_vision_sizes
@@ -77,18 +82,59 @@ class Idefics3Backbone(HFBackbone):
         return VisionFeatures(pib=pib, llm=llm, pib_mask=pib_mask, llm_mask=llm_mask)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A published layout of the family: ``config.json``'s ``model_type`` and the prefix of its
+    transformers classes (``{prefix}ForConditionalGeneration``, ``{prefix}Config``,
+    ``{prefix}VisionConfig``, ``{prefix}Processor``, ``{prefix}ImageProcessorPil``)."""
+
+    model_type: str
+    prefix: str
+
+    def transformers_class(self, suffix: str) -> type:
+        import transformers
+
+        return getattr(transformers, self.prefix + suffix)
+
+    def processor_class(self) -> type:
+        """The layout's processor, read and built without a video processor."""
+        from transformers.processing_utils import ProcessorMixin
+
+        base = image_only_processor(self.transformers_class("Processor"))
+        # SmolVLMProcessor's __init__ requires a video processor argument
+        no_video = {"video_processor": None} if "video_processor" in inspect.signature(base.__init__).parameters else {}
+
+        class Processor(base):
+            def __init__(self, image_processor, tokenizer=None, image_seq_len: int = 169, chat_template=None, **kwargs):
+                super().__init__(image_processor, tokenizer, image_seq_len=image_seq_len, chat_template=chat_template,
+                                 **no_video, **kwargs)
+
+            # SmolVLMProcessor's own only adds video frame-sampling defaults, read from the video
+            # processor this one has not (Idefics3Processor has none of its own); images and the
+            # chat template render as published
+            apply_chat_template = ProcessorMixin.apply_chat_template
+
+        Processor.__name__ = Processor.__qualname__ = base.__name__
+        return Processor
+
+
+IDEFICS3 = Layout("idefics3", "Idefics3")
+SMOLVLM = Layout("smolvlm", "SmolVLM")
+
+
 def load(model_path, *, feature=None, dtype=None, device=None) -> Idefics3Backbone:
-    return load_family(Idefics3Backbone, model_path, feature=feature, dtype=dtype, device=device)
+    return load_family(Idefics3Backbone, (IDEFICS3,), model_path, feature=feature, dtype=dtype, device=device)
 
 
-def load_family(cls, model_path, *, feature, dtype, device):
-    """A published Idefics3-layout checkpoint (``model_type: idefics3``) as a ``cls``."""
-    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+def load_family(cls, layouts: tuple[Layout, ...], model_path, *, feature, dtype, device):
+    """A published checkpoint of one of ``layouts``, chosen by its ``config.json`` ``model_type``,
+    on that layout's classes, as a ``cls``."""
+    from mllm_pib_hf.loading import load_classes, published_model_type
 
-    from mllm_pib_hf.loading import load_published
-
-    return load_published(cls, Idefics3ForConditionalGeneration, Idefics3Processor, model_path,
-                          feature=feature, dtype=dtype, device=device)
+    model_type = published_model_type(cls, model_path, tuple(layout.model_type for layout in layouts))
+    layout = next(layout for layout in layouts if layout.model_type == model_type)
+    return load_classes(cls, layout.transformers_class("ForConditionalGeneration"), layout.processor_class(),
+                        model_path, feature=feature, dtype=dtype, device=device)
 
 
 def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_CORPUS,), *, vocab_size: int = 512) -> None:
@@ -98,30 +144,30 @@ def write_tiny(out_dir: str, seed: int = 0, corpus: Iterable[str] = (DEFAULT_COR
     (``train_llama3_tokenizer``) with the published chat template."""
     tokenizer = train_llama3_tokenizer([*corpus, TEMPLATE_WORDS, "User: Assistant:"], vocab_size=vocab_size,
                                        extra_special_tokens=IMAGE_TOKENS)
-    write_family_tiny(out_dir, seed, tokenizer, chat_template("<|begin_of_text|>"), tile=32, scale_factor=2)
+    write_family_tiny(out_dir, seed, tokenizer, chat_template("<|begin_of_text|>"), IDEFICS3, tile=32, scale_factor=2)
 
 
-def write_family_tiny(out_dir: str, seed: int, tokenizer, template: str, *, tile: int, scale_factor: int) -> None:
-    """Write a tiny random ``Idefics3ForConditionalGeneration`` and its ``Idefics3Processor``:
-    ``tile`` px tiles of 4 px patches, images split into at most 2 x 2 tiles (published: 4 x 4),
-    pixel shuffle by ``scale_factor``."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
-    from transformers.models.idefics3 import Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def write_family_tiny(out_dir: str, seed: int, tokenizer, template: str, layout: Layout, *, tile: int,
+                      scale_factor: int) -> None:
+    """Write a tiny random model of ``layout`` and its processor: ``tile`` px tiles of 4 px
+    patches, images split into at most 2 x 2 tiles (published: 4 x 4), pixel shuffle by
+    ``scale_factor``."""
+    from transformers import LlamaConfig
 
     vision = {**tiny_vision_sizes(), "image_size": tile}
     tokens = (tile // vision["patch_size"]) ** 2 // scale_factor**2
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens,
-                                  chat_template=template)
+    image_processor = layout.transformers_class("ImageProcessorPil")(
+        size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile})
+    processor = layout.processor_class()(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=tokens,
+                                         chat_template=template)
     pad = tokenizer.pad_token_id
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(**vision),
+    config = layout.transformers_class("Config")(
+        vision_config=layout.transformers_class("VisionConfig")(**vision),
         text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=pad, **tiny_text_sizes()),
         scale_factor=scale_factor, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=pad,
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
+    model = layout.transformers_class("ForConditionalGeneration")(config).eval()
     model.generation_config.pad_token_id = pad
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -47,13 +47,12 @@ BACKBONES = {
         IDEFICS3_FEATURES, {},
     ),
     "smolvlm": (
-        "SmolVLM-Instruct (an Idefics3 with SmolLM2; model_type idefics3, so named with --backbone)",
-        IDEFICS3_FEATURES, {},
+        "SmolVLM2 (model_type smolvlm) and SmolVLM-Instruct (model_type idefics3: named with --backbone), "
+        "Idefics3 with SmolLM2",
+        IDEFICS3_FEATURES,
+        {"layout": "tiny models only: smolvlm (SmolVLM2's classes; default) | idefics3 (SmolVLM-Instruct's)"},
     ),
 }
-# model_type -> backbone, where the checkpoints do not carry the backbone's name: SmolVLM-Instruct
-# publishes model_type "idefics3", which the idefics3 backbone claims
-MODEL_TYPES = {"smolvlm": ()}
 
 
 def _lazy(module: str, function: str):
@@ -68,7 +67,7 @@ def mllm_pib_register_backbones():
         BackboneSpec(
             name=name, description=description, load=_lazy(name, "load"),
             options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **extra},
-            write_tiny=_lazy(name, "write_tiny"), model_types=MODEL_TYPES.get(name, (name,)),
+            write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
         )
         for name, (description, feature, extra) in BACKBONES.items()
     ]

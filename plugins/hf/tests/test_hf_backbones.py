@@ -1,5 +1,5 @@
-"""llava_next, llava_onevision, gemma3, idefics3 and smolvlm against transformers' own model and processor: prompt
-and answer ids as the published conversation format gives them, identity-block logits equal to
+"""llava_next, llava_onevision, gemma3, idefics3 and smolvlm (both its layouts: SmolVLM2 and SmolVLM-Instruct)
+against transformers' own model and processor: prompt and answer ids as the published conversation format gives them, identity-block logits equal to
 the model's forward, greedy and beam tokens equal to its ``generate`` (batched, left padding,
 images of different sizes, and so of different tile grids for the tiling models), features as
 the model computes them, and the CLI."""
@@ -14,7 +14,10 @@ from mllm_pib.cli import main
 from mllm_pib.model import PIBModel
 from mllm_pib.plugins import get_backbone
 
-BACKBONES = ["llava_next", "llava_onevision", "gemma3", "idefics3", "smolvlm"]
+# test cases: a backbone's tiny model; "smolvlm" is SmolVLM-Instruct's layout, "smolvlm2" SmolVLM2's
+CASES = ["llava_next", "llava_onevision", "gemma3", "idefics3", "smolvlm", "smolvlm2"]
+BACKBONE = {"smolvlm2": "smolvlm"}  # the case's backbone, where it is not the case's name
+TINY_OPTIONS = {"smolvlm": {"layout": "idefics3"}}
 # The published single-turn formats, written out (llava-hf model cards): prompt, answer.
 FORMATS = {
     "llava_next": ("[INST] <image>\n{question} [/INST]", " {answer}</s>"),
@@ -23,20 +26,24 @@ FORMATS = {
     # Idefics3 adds its BOS <|begin_of_text|> to the text; SmolVLM's <|im_start|> is written out
     "idefics3": ("User:<image>{question}<end_of_utterance>\nAssistant:", " {answer}<end_of_utterance>"),
     "smolvlm": ("<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:", " {answer}<end_of_utterance>"),
+    "smolvlm2": ("<|im_start|>User:<image>{question}<end_of_utterance>\nAssistant:", " {answer}<end_of_utterance>"),
 }
-CLASSES = {  # processor, tokenizer as saved
-    "llava_next": ("LlavaNextProcessor", "LlamaTokenizer"),
-    "llava_onevision": ("LlavaOnevisionProcessor", "Qwen2Tokenizer"),
-    "gemma3": ("Gemma3Processor", "GemmaTokenizer"),
-    "idefics3": ("Idefics3Processor", "TokenizersBackend"),  # transformers 5's name for PreTrainedTokenizerFast
-    "smolvlm": ("Idefics3Processor", "GPT2Tokenizer"),
+CLASSES = {  # model, processor, tokenizer as saved
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor", "LlamaTokenizer"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor", "Qwen2Tokenizer"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor", "GemmaTokenizer"),
+    # TokenizersBackend: transformers 5's name for PreTrainedTokenizerFast
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor", "TokenizersBackend"),
+    "smolvlm": ("Idefics3ForConditionalGeneration", "Idefics3Processor", "GPT2Tokenizer"),
+    "smolvlm2": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor", "GPT2Tokenizer"),
 }
 # SmolVLM-Instruct is published as an Idefics3 checkpoint, which the idefics3 backbone claims
-MODEL_TYPE = {"smolvlm": "idefics3"}
+MODEL_TYPE = {"smolvlm": "idefics3", "smolvlm2": "smolvlm"}
 END_OF_TURN = {"llava_next": ["</s>"], "llava_onevision": ["<|im_end|>"], "gemma3": ["<end_of_turn>", "<eos>"],
-               "idefics3": ["<end_of_utterance>", "<|end_of_text|>"], "smolvlm": ["<end_of_utterance>"]}
+               "idefics3": ["<end_of_utterance>", "<|end_of_text|>"], "smolvlm": ["<end_of_utterance>"],
+               "smolvlm2": ["<end_of_utterance>"]}
 ANYRES = ("llava_next", "llava_onevision")
-IDEFICS3 = ("idefics3", "smolvlm")
+IDEFICS3 = ("idefics3", "smolvlm", "smolvlm2")
 QUESTIONS = ["Is there a cat in the image?", "Describe this image in detail."]
 ANSWERS = ["Yes, there is a cat.", "The image shows a red circle, a blue square and a green tree."]
 
@@ -48,20 +55,20 @@ def pictures():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """``built(name)`` -> (name, directory, backbone) of a tiny model, written once."""
+    """``built(case)`` -> (case, directory, backbone) of a tiny model, written once."""
     made = {}
 
-    def build(name):
-        if name not in made:
-            out = tmp_path_factory.mktemp(name)
-            get_backbone(name).write_tiny(str(out), seed=0)
-            made[name] = (name, str(out), get_backbone(name).load(str(out)))
-        return made[name]
+    def build(case):
+        if case not in made:
+            out, entry = tmp_path_factory.mktemp(case), get_backbone(BACKBONE.get(case, case))
+            entry.write_tiny(str(out), seed=0, **TINY_OPTIONS.get(case, {}))
+            made[case] = (case, str(out), entry.load(str(out)))
+        return made[case]
 
     return build
 
 
-@pytest.fixture(params=BACKBONES)
+@pytest.fixture(params=CASES)
 def tiny(request, built):
     return built(request.param)
 
@@ -77,12 +84,17 @@ def test_tiny_layout(tiny):
     config = json.loads(open(f"{path}/config.json").read())
     from mllm_pib.plugins import resolve_backbone
 
-    model_type = MODEL_TYPE.get(name, name)
+    model_type = MODEL_TYPE.get(name, name)  # every backbone claims its own name as model type
     assert config["model_type"] == model_type and resolve_backbone(path) == model_type
-    assert get_backbone(name).spec.model_types == (() if name in MODEL_TYPE else (name,))
+    assert get_backbone(model_type).spec.model_types == (model_type,)
     processor = json.loads(open(f"{path}/processor_config.json").read())
     tokenizer = json.loads(open(f"{path}/tokenizer_config.json").read())
-    assert (processor["processor_class"], tokenizer["tokenizer_class"]) == CLASSES[name]
+    assert (*config["architectures"], processor["processor_class"], tokenizer["tokenizer_class"]) == CLASSES[name]
+    assert type(backbone.model).__name__ == CLASSES[name][0]
+    if name == "smolvlm2":  # SmolVLMProcessor reads its image tokens by name, as SmolVLM2's tokenizer names them
+        named = ("fake_image_token", "image_token", "end_of_utterance_token", "global_image_token")
+        assert [tokenizer[key] for key in named] == ["<fake_token_around_image>", "<image>", "<end_of_utterance>",
+                                                      "<global-img>"]
     assert backbone.stop_sequences == [[i] for i in backbone.tokenizer.convert_tokens_to_ids(END_OF_TURN[name])]
 
 
@@ -178,7 +190,8 @@ def test_cli_tiny_model_generate_compare_export_and_pope(tiny, tmp_path, capsys)
     from mllm_pib.demo.world import World, export_dataset
     from mllm_pib.evaluation import pope
 
-    name, path, _ = tiny
+    _, path, backbone = tiny
+    name = backbone.name
     pib = open_block(path, name, tmp_path / "pib")
     image = tmp_path / "red.png"
     pictures()[0].save(image)
@@ -269,8 +282,8 @@ def test_idefics3_features_are_what_the_model_computes(built, name, feature):
     """Batched images of different tile counts (the smaller padded with all-zero tiles) give, per
     image, the tower's patches of its real tiles and the connector's tokens: equal to the model's
     ``get_image_features`` on the image alone, and to a pixel shuffle written out here."""
-    _, path, _ = built(name)
-    backbone = get_backbone(name).load(path, feature=feature)
+    _, path, tiny = built(name)
+    backbone = get_backbone(tiny.name).load(path, feature=feature)
     inputs = backbone.preprocess(pictures())
     feats = backbone.encode_vision(**inputs)
     inner, config = backbone.model.model, backbone.model.config
@@ -292,3 +305,50 @@ def test_idefics3_features_are_what_the_model_computes(built, name, feature):
         assert torch.allclose(feats.pib[row, feats.pib_mask[row]], expected, atol=1e-5)
         assert int(feats.pib_mask[row].sum()) == len(expected)
     assert feats.pib.shape[-1] == backbone.pib_vision_size
+
+
+def test_smolvlm_layouts_detected_from_config_json(built, tmp_path, capsys):
+    """``--backbone`` left out: a SmolVLM2 checkpoint (``model_type: smolvlm``) runs on smolvlm, a
+    SmolVLM-Instruct one (``model_type: idefics3``) on idefics3, the same architecture; named,
+    smolvlm loads both; a backbone refuses a model type it does not load, in one line."""
+    from mllm_pib.plugins import resolve_backbone
+
+    image = tmp_path / "red.png"
+    pictures()[0].save(image)
+
+    def generate(path, *extra):
+        capsys.readouterr()  # what building the tiny models printed
+        code = main(["generate", "--model", path, "--image", str(image), "--prompt", QUESTIONS[0],
+                     "--max-new-tokens", "4", "--json", *extra])
+        out = capsys.readouterr()
+        return code, json.loads(out.out)["answers"] if code == 0 else out.err.strip()
+
+    for case, detected in (("smolvlm2", "smolvlm"), ("smolvlm", "idefics3")):
+        _, path, _ = built(case)
+        assert resolve_backbone(path) == detected
+        code, answers = generate(path)
+        assert code == 0 and generate(path, "--backbone", detected) == (0, answers)
+        assert generate(path, "--backbone", "smolvlm")[0] == 0
+    smolvlm2, llava_next = built("smolvlm2")[1], built("llava_next")[1]
+    code, error = generate(smolvlm2, "--backbone", "idefics3")
+    assert code == 2 and "\n" not in error
+    assert f"{smolvlm2}/config.json: model_type 'smolvlm' is not 'idefics3'" in error
+    code, error = generate(llava_next, "--backbone", "smolvlm")
+    assert code == 2 and "\n" not in error
+    assert (f"{llava_next}/config.json: model_type 'llava_next' is not 'smolvlm' or 'idefics3'; the smolvlm "
+            "backbone loads smolvlm and idefics3 checkpoints only") in error
+
+
+@pytest.mark.parametrize("config", ["smolvlm", "smolvlm2"])
+def test_tiny_smolvlm_configs_train_their_layout(config, tmp_path, monkeypatch):
+    """configs/tiny/smolvlm2.yaml trains from nothing on a tiny SmolVLM2; configs/tiny/smolvlm.yaml
+    writes SmolVLM-Instruct's layout (``bootstrap.tiny_options``)."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[3] / "configs" / "tiny" / f"{config}.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(path), "--set", "training.max_steps=2", "--set", "training.save_steps=100",
+                 "--set", "bootstrap.synthetic_scenes=4"]) == 0
+    assert (tmp_path / f"runs/tiny/{config}-pib/model.safetensors").is_file()
+    written = json.loads((tmp_path / f"runs/tiny/{config}-model/config.json").read_text())
+    assert (written["model_type"], *written["architectures"]) == (MODEL_TYPE[config], CLASSES[config][0])

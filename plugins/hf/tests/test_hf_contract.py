@@ -48,5 +48,14 @@ class TestIdefics3Contract(BackboneContractTests):
                               pixel_attention_mask=vision_inputs["pixel_attention_mask"]).logits
 
 
-class TestSmolVLMContract(TestIdefics3Contract):
+class TestSmolVLM2Contract(TestIdefics3Contract):
+    """SmolVLM2's layout: SmolVLMForConditionalGeneration + SmolVLMProcessor (model_type smolvlm)."""
+
     backbone_name = "smolvlm"
+
+
+class TestSmolVLMInstructContract(TestSmolVLM2Contract):
+    """SmolVLM-Instruct's layout: the Idefics3 classes, model_type idefics3 (which idefics3 claims)."""
+
+    tiny_options = {"layout": "idefics3"}
+    claimed_by = "idefics3"
