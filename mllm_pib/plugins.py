@@ -100,10 +100,18 @@ class RegisteredBackbone:
     def entry_point(self) -> str:
         return self.plugin.entry_point
 
-    def check_options(self, options: dict[str, Any]) -> None:
+    def check_options(self, options: dict[str, Any], *, tiny: bool = False) -> None:
         """Raise a :class:`UserError` for option names the backbone does not declare (``dtype``
-        and ``device`` are understood by every backbone's ``load``)."""
-        unknown = sorted(set(options) - set(self.spec.options) - set(COMMON_LOAD_OPTIONS))
+        and ``device`` are understood by every backbone's ``load``); ``tiny``: the options of
+        ``write_tiny``, which also takes the spec's ``tiny_options``."""
+        tiny_only = sorted(set(options) & set(self.spec.tiny_options) - set(self.spec.options))
+        if tiny_only and not tiny:
+            raise UserError(
+                f"backbone {self.name!r}: {', '.join(map(repr, tiny_only))} only shape{'s' if len(tiny_only) == 1 else ''} "
+                "a tiny model when it is written (write_tiny, or bootstrap.tiny_options in a training config), "
+                "not a model being loaded"
+            )
+        unknown = sorted(set(options) - set(self.spec.options) - set(self.spec.tiny_options) - set(COMMON_LOAD_OPTIONS))
         if unknown:
             known = ", ".join(sorted(self.spec.options)) or "none"
             raise UserError(
@@ -140,7 +148,7 @@ class RegisteredBackbone:
                 f"backbone {self.name!r} ({self.plugin}) cannot write a tiny checkpoint: "
                 "its spec has no write_tiny"
             )
-        self.check_options(options)
+        self.check_options(options, tiny=True)
         with claim(out_dir, TINY_MODEL_OUTPUT, overwrite=overwrite).staged() as staging:
             self.spec.write_tiny(str(staging), seed=seed, **options)
 

@@ -21,7 +21,10 @@ class BackboneSpec:
             reloaded (``generate``, ``eval``, ``export``) with ``load(..., feature=...)``.
         write_tiny: optional ``write_tiny(out_dir, seed=0, **options)`` that writes a tiny random
             checkpoint in the backbone's published layout, with a locally trained tokenizer,
-            loadable by ``load(out_dir)``; used by tests, tiny configs and benchmarks.
+            loadable by ``load(out_dir)``; used by tests, tiny configs and benchmarks. It takes
+            the :attr:`options` and the :attr:`tiny_options`.
+        tiny_options: option name -> one-line help, for options only ``write_tiny`` takes (the
+            tiny tokenizer's corpus, a layout); ``load`` is never given them.
         model_types: the transformers ``model_type`` values (the ``config.json`` field) of the
             checkpoints ``load`` reads; a command given ``--model DIR`` without ``--backbone``
             picks the backbone that claims the ``model_type`` of ``DIR/config.json``.
@@ -33,3 +36,4 @@ class BackboneSpec:
     options: dict[str, str] = field(default_factory=dict)
     write_tiny: Callable[..., None] | None = None
     model_types: tuple[str, ...] = ()
+    tiny_options: dict[str, str] = field(default_factory=dict)

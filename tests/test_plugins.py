@@ -61,6 +61,7 @@ def mllm_pib_register_backbones():
             options={"feature": "which vision features the block reads", "layer": "decoder layer"},
             write_tiny=write_tiny,
             model_types=("pibtest_alpha", "pibtest_alpha_v2"),
+            tiny_options={"corpus": "tokenizer texts"},
         ),
     ]
 '''
@@ -175,12 +176,12 @@ def test_backbones_json_isolates_broken_plugins(site: Path) -> None:
     feature_help = {"feature": "which vision features the block reads", "layer": "decoder layer"}
     assert document["backbones"] == [
         {"name": "pibtest-alpha", "distribution": "pibtest-good", "version": "1.0",
-         "description": "Alpha test backbone", "options": feature_help,
+         "description": "Alpha test backbone", "options": feature_help, "tiny_options": {"corpus": "tokenizer texts"},
          "model_types": ["pibtest_alpha", "pibtest_alpha_v2"]},
         {"name": "pibtest-beta", "distribution": "pibtest-good", "version": "1.0",
-         "description": "Beta test backbone", "options": {}, "model_types": []},
+         "description": "Beta test backbone", "options": {}, "tiny_options": {}, "model_types": []},
         {"name": "pibtest-only-a", "distribution": "pibtest-dup-a", "version": "1.0",
-         "description": "claims pibtest-only-a", "options": {}, "model_types": []},
+         "description": "claims pibtest-only-a", "options": {}, "tiny_options": {}, "model_types": []},
     ]
     errors = {(err["distribution"], err["entry_point"]): err["error"] for err in document["errors"]}
     assert set(errors) == {
@@ -212,13 +213,14 @@ def test_backbones_table_warns_on_stderr(site: Path) -> None:
     assert lines[0].split() == ["NAME", "DISTRIBUTION", "VERSION", "DESCRIPTION"]
     alpha = next(i for i, line in enumerate(lines) if line.startswith("pibtest-alpha "))
     assert lines[alpha].split() == ["pibtest-alpha", "pibtest-good", "1.0", "Alpha", "test", "backbone"]
-    assert lines[alpha + 1 : alpha + 4] == [
+    assert lines[alpha + 1 : alpha + 5] == [
         "    model types: pibtest_alpha, pibtest_alpha_v2",
         "    feature: which vision features the block reads",
         "    layer: decoder layer",
+        "    corpus (tiny models): tokenizer texts",
     ]
     # every row's columns start at the header's offsets
-    for line in lines[alpha], lines[alpha + 4]:
+    for line in lines[alpha], lines[alpha + 5]:
         assert line.index("pibtest-good") == lines[0].index("DISTRIBUTION")
     broken = ("pibtest-broken", "pibtest-raises", "pibtest-not-a-spec", "pibtest-misspelt", "pibtest-bad-types",
               "pibtest-dup-b")
@@ -241,8 +243,11 @@ def test_get_backbone_attaches_distribution_and_checks_options(tmp_path: Path) -
     assert alpha.load("ckpt", feature="clip") == ("loaded", "ckpt", {"feature": "clip"})
     with pytest.raises(UserError, match=r"no option 'colour'; its options are: feature, layer"):
         alpha.load("ckpt", colour="red")
-    alpha.write_tiny(str(tmp_path), seed=3, layer=2)
-    assert json.loads((tmp_path / "tiny.json").read_text()) == {"seed": 3, "options": {"layer": 2}}
+    # a tiny-model option shapes write_tiny only: loading refuses it in one line, naming where it belongs
+    with pytest.raises(UserError, match=r"'pibtest-alpha': 'corpus' only shapes a tiny model when it is written"):
+        alpha.load("ckpt", corpus="a b c")
+    alpha.write_tiny(str(tmp_path), seed=3, layer=2, corpus="a b c")
+    assert json.loads((tmp_path / "tiny.json").read_text()) == {"seed": 3, "options": {"layer": 2, "corpus": "a b c"}}
     beta = get_backbone("pibtest-beta")
     with pytest.raises(UserError, match=r"no option 'feature'; its options are: none"):
         beta.load("ckpt", feature="clip")

@@ -42,6 +42,7 @@ def report(registry: "Registry") -> dict[str, Any]:
                 "version": entry.version,
                 "description": entry.spec.description,
                 "options": dict(entry.spec.options),
+                "tiny_options": dict(entry.spec.tiny_options),
                 "model_types": list(entry.spec.model_types),
             }
             for entry in registry.backbones.values()
@@ -77,6 +78,7 @@ def format_table(registry: "Registry") -> str:
         if entry.spec.model_types:
             lines.append(f"    model types: {', '.join(entry.spec.model_types)}")
         lines.extend(f"    {option}: {text}" for option, text in entry.spec.options.items())
+        lines.extend(f"    {option} (tiny models): {text}" for option, text in entry.spec.tiny_options.items())
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ from mllm_pib.hookspecs import hookimpl
 from mllm_pib.spec import BackboneSpec
 
 TINY_OPTIONS = {
-    "corpus": "tiny models only: texts the tokenizer is trained on",
-    "vocab_size": "tiny models only: trained tokenizer size",
+    "corpus": "texts the tokenizer is trained on",
+    "vocab_size": "trained tokenizer size",
 }
 QWEN_OPTIONS = {
     "min_pixels": "smallest resized image area in pixels (default: the checkpoint's; sets the fewest visual tokens)",
@@ -17,40 +17,40 @@ QWEN_OPTIONS = {
 }
 IDEFICS3_FEATURES = "siglip (tower patches of every tile; default) | projector (the pixel-shuffled, projected tokens)"
 QWEN_FEATURES = "vision (ViT patch features before the merger; default) | projector (the merger's output)"
-# name -> (description, feature option help, extra options)
+# name -> (description, feature option help, other load options, tiny-model options besides TINY_OPTIONS)
 BACKBONES = {
     "llava_next": (
         "LLaVA-NeXT / LLaVA-1.6 (CLIP anyres tiles + image_newline + Mistral), llava-hf layout",
         "clip (layer -2 patches of every tile, CLS dropped; default) | projector",
-        {"legacy": "tiny models only: the Llama tokenizer's legacy setting (default true)"},
+        {}, {"legacy": "the Llama tokenizer's legacy setting (default true)"},
     ),
     "llava_onevision": (
         "LLaVA-OneVision (SigLIP anyres_max_9 tiles + image_newline + Qwen2), llava-hf layout",
         "siglip (last-layer patches of every tile; default) | projector",
-        {},
+        {}, {},
     ),
     "gemma3": (
         "Gemma 3 (SigLIP 896 px pooled to 256 tokens, bidirectional over the image), Google layout",
         "siglip (tower output, 4096 patches; default) | projector (the 256 tokens)",
-        {},
+        {}, {},
     ),
     "qwen2_vl": (
         "Qwen2-VL (dynamic-resolution ViT + patch merger + Qwen2, M-RoPE), published layout",
-        QWEN_FEATURES, QWEN_OPTIONS,
+        QWEN_FEATURES, QWEN_OPTIONS, {},
     ),
     "qwen2_5_vl": (
         "Qwen2.5-VL (windowed ViT + patch merger + Qwen2.5, M-RoPE), published layout",
-        QWEN_FEATURES, QWEN_OPTIONS,
+        QWEN_FEATURES, QWEN_OPTIONS, {},
     ),
     "idefics3": (
         "Idefics3 (SigLIP on split tiles + global view, pixel shuffle, Llama 3), published layout",
-        IDEFICS3_FEATURES, {},
+        IDEFICS3_FEATURES, {}, {},
     ),
     "smolvlm": (
         "SmolVLM2 (model_type smolvlm) and SmolVLM-Instruct (model_type idefics3: named with --backbone), "
         "Idefics3 with SmolLM2",
-        IDEFICS3_FEATURES,
-        {"layout": "tiny models only: smolvlm (SmolVLM2's classes; default) | idefics3 (SmolVLM-Instruct's)"},
+        IDEFICS3_FEATURES, {},
+        {"layout": "smolvlm (SmolVLM2's classes; default) | idefics3 (SmolVLM-Instruct's)"},
     ),
 }
 
@@ -66,8 +66,8 @@ def mllm_pib_register_backbones():
     return [
         BackboneSpec(
             name=name, description=description, load=_lazy(name, "load"),
-            options={"feature": f"PIB vision features: {feature}", **TINY_OPTIONS, **extra},
-            write_tiny=_lazy(name, "write_tiny"), model_types=(name,),
+            options={"feature": f"PIB vision features: {feature}", **load_options},
+            write_tiny=_lazy(name, "write_tiny"), model_types=(name,), tiny_options={**TINY_OPTIONS, **tiny},
         )
-        for name, (description, feature, extra) in BACKBONES.items()
+        for name, (description, feature, load_options, tiny) in BACKBONES.items()
     ]

@@ -28,11 +28,13 @@ def mllm_pib_register_backbones():
             options={
                 "feature": "PIB vision features: clip (layer -2, CLS dropped; default) | projector",
                 "vision_tower": "CLIP tower directory for original (liuhaotian) checkpoints",
-                "corpus": "tiny models only: texts the tokenizer is trained on (default: a small built-in corpus)",
-                "legacy": "tiny models only: the tokenizer's legacy setting (default false, as LLaVA-1.5 publishes it)",
-                "tokenizer": "tiny models only: llama (default, shaped like Vicuna's) | byte-level (the demo world's)",
             },
             write_tiny=_write_tiny,
+            tiny_options={
+                "corpus": "texts the tokenizer is trained on (default: a small built-in corpus)",
+                "legacy": "the tokenizer's legacy setting (default false, as LLaVA-1.5 publishes it)",
+                "tokenizer": "llama (default, shaped like Vicuna's) | byte-level (the demo world's)",
+            },
             # llava-hf's config.json, and the original layout's (LLaVA's LlavaConfig saves llava_llama;
             # the published llava-v1.5 checkpoints say llava)
             model_types=("llava", "llava_llama"),
