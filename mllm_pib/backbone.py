@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -179,6 +179,13 @@ class Backbone(nn.Module):
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of an answer, ending with the end-of-turn token that is scored too."""
         raise NotImplementedError
+
+    def conversation_ids(self, turns: Sequence[tuple[str, str]], question: str, image: Any = None) -> list[int] | None:
+        """Prompt ids of ``question`` asked after the earlier ``(question, answer)`` turns about
+        the same image, in the model's own multi-turn format (chat, ``generate --chat``);
+        ``None`` (the default) when the template is single-turn: the chat then writes the earlier
+        turns into the question as a transcript (:mod:`mllm_pib.chat`)."""
+        return None
 
     @property
     def stop_sequences(self) -> list[list[int]]:

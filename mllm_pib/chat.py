@@ -4,9 +4,11 @@ The base model is the same ``PIBModel`` with its block bypassed (``generate(bypa
 comparing the two needs no second copy of the backbone, and each answer costs one backbone
 pass per decoding step.
 
-The backbones' prompt templates are single-turn: one image, one question, one answer. A
-conversation is carried inside that single turn: the earlier questions and answers are written
-into the question as a plain transcript, and the new question comes last::
+A backbone whose chat template has a multi-turn format (the processor-driven ones:
+:meth:`~mllm_pib.backbone.Backbone.conversation_ids`) gets the conversation in that format, the
+image in the first user turn. The 2023 backbones' templates are single-turn: one image, one
+question, one answer. Their conversation is carried inside that single turn: the earlier questions
+and answers are written into the question as a plain transcript, and the new question comes last::
 
     User: What is on the table?
     Assistant: A cup and a laptop.
@@ -25,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,8 +73,12 @@ class Conversation:
 
 @dataclass(frozen=True)
 class FittedPrompt:
-    """A question text that fits the context, and how many old turns were dropped for it."""
+    """A prompt that fits the context, and how many old turns were dropped for it.
 
+    ``text`` is the question as the vision side reads it (InstructBLIP's Q-Former): the
+    transcript for a single-turn template, the new question for a multi-turn one."""
+
+    ids: list[int]
     text: str
     dropped: int
 
@@ -138,36 +145,47 @@ class Chat:
         """
         question = check_question(question)
         prompts = {v: self.fit(conv, question) for v, conv in self.conversations.items()}
-        answers = {v: self.answer(prompt.text, bypass_pib=v == BASE) for v, prompt in prompts.items()}
+        answers = {v: self.answer(prompt, bypass_pib=v == BASE) for v, prompt in prompts.items()}
         for variant, conversation in self.conversations.items():
             conversation.turns.append(Turn(question, answers[variant]))
         return Reply(question, answers, {v: p.dropped for v, p in prompts.items()})
 
     def fit(self, conversation: Conversation, question: str) -> FittedPrompt:
-        """The longest transcript ending in ``question`` whose prompt leaves room for
+        """The prompt with the most recent turns before ``question`` that leaves room for
         ``max_new_tokens`` in the context."""
         limit = context_length(self.model.backbone)
         room = self.options.max_new_tokens
         for keep in range(len(conversation.turns), -1, -1):
-            text = conversation.question_text(question, keep)
-            length = self.prompt_length(text)
+            prompt = self.prompt(conversation, question, keep)
+            length = len(prompt.ids)
             if limit is None or length + room <= limit:
-                return FittedPrompt(text, dropped=len(conversation.turns) - keep)
+                return prompt
         raise UserError(
             f"the prompt is too long: with the image it takes {length} tokens, and with up to {room} new "
             f"tokens that exceeds the model's context of {limit} tokens; shorten the prompt or allow "
             "fewer new tokens (--max-new-tokens)"
         )
 
-    def prompt_length(self, text: str) -> int:
+    def prompt(self, conversation: Conversation, question: str, keep: int) -> FittedPrompt:
+        """``question`` after the last ``keep`` turns: in the model's multi-turn format when it
+        has one, else as a transcript inside one question."""
+        backbone = self.model.backbone
+        turns = conversation.turns[len(conversation.turns) - keep :]
         try:
-            return len(self.model.backbone.prompt_ids(text, self.image))
+            ids = backbone.conversation_ids([(t.question, t.answer) for t in turns], question, self.image) if turns else None
+            text = question if ids is not None else conversation.question_text(question, keep)
+            if ids is None:
+                ids = backbone.prompt_ids(text, self.image)
         except ValueError as err:  # e.g. the text holds the template's image placeholder
             raise UserError(f"the prompt cannot be used: {err}") from None
+        return FittedPrompt(ids, text, dropped=len(conversation.turns) - keep)
 
-    def answer(self, text: str, bypass_pib: bool) -> str:
-        """One answer to the question ``text`` about the image."""
-        return self.model.generate_text(
-            [self.image], [text],
+    def answer(self, prompt: FittedPrompt, bypass_pib: bool) -> str:
+        """One answer to ``prompt`` about the image."""
+        model = self.model
+        ids = torch.tensor([prompt.ids], device=model.device)
+        tokens = model.generate(
+            ids, torch.ones_like(ids), model.backbone.preprocess([self.image], [prompt.text]),
             max_new_tokens=self.options.max_new_tokens, num_beams=self.options.num_beams, bypass_pib=bypass_pib,
-        )[0]
+        )
+        return model.decode(tokens[0].tolist())

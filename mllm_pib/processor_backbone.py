@@ -8,7 +8,7 @@ family; a family plugin supplies only its vision side and its parts.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -19,13 +19,18 @@ from mllm_pib.backbone import DecoderBackbone
 SPLIT_QUESTION = "?"
 
 
-def conversation(question: str, answer: str | None = None) -> list[dict]:
-    """A single-turn conversation in the processors' message format: the image, then the
-    question; and the assistant's answer when given."""
-    turns: list[dict] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return turns
+def conversation(turns: Sequence[tuple[str, str]], question: str | None = None) -> list[dict]:
+    """Messages in the processors' format: each ``(question, answer)`` turn, then ``question``
+    when given; the image opens the first user turn."""
+    messages: list[dict] = []
+    for asked, answer in [*turns, *([(question, None)] if question is not None else [])]:
+        content = [{"type": "text", "text": asked}]
+        if not messages:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
 
 
 class ProcessorBackbone(DecoderBackbone):
@@ -47,18 +52,22 @@ class ProcessorBackbone(DecoderBackbone):
     """Tokens that end an assistant turn in the chat template, besides EOS (``<|im_end|>``)."""
 
     def prompt_ids(self, question: str, image: Any = None) -> list[int]:
+        return self.conversation_ids((), question, image)
+
+    def conversation_ids(self, turns: Sequence[tuple[str, str]], question: str, image: Any = None) -> list[int]:
+        """The chat template's own multi-turn format, the image in the first user turn."""
         if image is None:
             raise ValueError(f"backbone {self.name!r} counts an image's visual tokens from the image itself; "
                              "prompt_ids needs the image")
         inputs = self.processor.apply_chat_template(
-            conversation(question), add_generation_prompt=True, tokenize=True, return_dict=True,
+            conversation(turns, question), add_generation_prompt=True, tokenize=True, return_dict=True,
             processor_kwargs={"images": [image.convert("RGB")]},
         )
         return [int(i) for i in inputs["input_ids"][0]]
 
     def answer_ids(self, answer: str) -> list[int]:
-        prompt = self._template_ids(conversation(SPLIT_QUESTION), add_generation_prompt=True)
-        whole = self._template_ids(conversation(SPLIT_QUESTION, answer), add_generation_prompt=False)
+        prompt = self._template_ids(conversation((), SPLIT_QUESTION), add_generation_prompt=True)
+        whole = self._template_ids(conversation([(SPLIT_QUESTION, answer)]), add_generation_prompt=False)
         if whole[: len(prompt)] != prompt:
             raise ValueError(f"the chat template's rendering of the answer {answer!r} does not continue its "
                              "generation prompt; cannot split the answer from the prompt")

@@ -352,3 +352,27 @@ def test_tiny_smolvlm_configs_train_their_layout(config, tmp_path, monkeypatch):
     assert (tmp_path / f"runs/tiny/{config}-pib/model.safetensors").is_file()
     written = json.loads((tmp_path / f"runs/tiny/{config}-model/config.json").read_text())
     assert (written["model_type"], *written["architectures"]) == (MODEL_TYPE[config], CLASSES[config][0])
+
+
+# A later chat turn in the published multi-turn format, written out (llava-hf model card).
+ONEVISION_SECOND_TURN = ("<|im_start|>user\n<image>\n{first}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+                         "<|im_start|>user\n{second}<|im_end|>\n<|im_start|>assistant\n")
+
+
+@torch.no_grad()
+def test_chat_continues_in_the_templates_multi_turn_format(built):
+    from mllm_pib.chat import Chat, DecodingOptions
+
+    _, _, backbone = built("llava_onevision")
+    image = pictures()[0]
+    chat = Chat(PIBModel(backbone), image, DecodingOptions(max_new_tokens=5), variants=("base",))
+    answer = chat.ask(QUESTIONS[0]).answers["base"]
+    second = chat.ask(QUESTIONS[1]).answers["base"]
+    text = ONEVISION_SECOND_TURN.format(first=QUESTIONS[0], answer=answer, second=QUESTIONS[1])
+    inputs = backbone.processor(text=[text], images=[[image]], return_tensors="pt")
+    assert backbone.conversation_ids([(QUESTIONS[0], answer)], QUESTIONS[1], image) == inputs["input_ids"][0].tolist()
+    stops = [s[0] for s in backbone.stop_sequences]
+    tokens = backbone.model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=stops,
+                                     pad_token_id=backbone.pad_token_id)[0, inputs["input_ids"].shape[1]:].tolist()
+    end = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
+    assert second == backbone.tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
