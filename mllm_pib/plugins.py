@@ -108,15 +108,18 @@ class RegisteredBackbone:
         if tiny_only and not tiny:
             raise UserError(
                 f"backbone {self.name!r}: {', '.join(map(repr, tiny_only))} only shape{'s' if len(tiny_only) == 1 else ''} "
-                "a tiny model when it is written (write_tiny, or bootstrap.tiny_options in a training config), "
-                "not a model being loaded"
+                "a tiny model when it is written (`mllm-pib tiny-model --option`, or bootstrap.tiny_options in a "
+                "training config), not a model being loaded"
             )
         unknown = sorted(set(options) - set(self.spec.options) - set(self.spec.tiny_options) - set(COMMON_LOAD_OPTIONS))
         if unknown:
             known = ", ".join(sorted(self.spec.options)) or "none"
+            tiny_known = ""
+            if tiny and self.spec.tiny_options:
+                tiny_known = f"; its tiny-model options: {', '.join(sorted(self.spec.tiny_options))}"
             raise UserError(
                 f"backbone {self.name!r} has no option {', '.join(map(repr, unknown))}; "
-                f"its options are: {known} (see `mllm-pib backbones`)"
+                f"its options are: {known}{tiny_known} (see `mllm-pib backbones`)"
             )
 
     def load(self, model_path: str, **options: Any) -> "Backbone":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from mllm_pib.commands.options import add_output_arguments, output_dir
 
 
@@ -15,14 +17,30 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--backbone", required=True, help="backbone name (see `mllm-pib backbones`)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="NAME=VALUE", type=option,
+        help="a tiny-model option of the backbone, e.g. layout=idefics3 or vocab_size=1024 (values read as "
+        "YAML scalars; repeatable; `mllm-pib backbones` lists each backbone's)",
+    )
     add_output_arguments(parser, "the model", positional=True)
     parser.set_defaults(handler=run)
+
+
+def option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> ``(NAME, VALUE)``, the value read as a YAML scalar (``1024`` an int)."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    parsed = yaml.safe_load(value) if value.strip() else value
+    return name.strip(), parsed if isinstance(parsed, (str, int, float, bool)) else value
 
 
 def run(args) -> int:
     from mllm_pib.plugins import get_backbone
 
     out = output_dir(args)
-    get_backbone(args.backbone).write_tiny(out, seed=args.seed, overwrite=args.overwrite)
+    get_backbone(args.backbone).write_tiny(out, seed=args.seed, overwrite=args.overwrite, **dict(args.option))
     print(f"wrote a tiny {args.backbone} model to {out}")
     return 0

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from mllm_pib.checkpoint import load_model
 from mllm_pib.cli import main
+from mllm_pib.errors import UserError
 from mllm_pib.model import PIBModel
 from mllm_pib.plugins import get_backbone
 from mllm_pib.tokenizer import train_llama_tokenizer
@@ -339,3 +340,15 @@ def test_finetuned_vision_tower_in_the_checkpoint_is_used(tmp_path):
     patch = "embeddings.patch_embedding.weight"
     ours = loaded.backbone.model.model.vision_tower.state_dict()[patch]
     assert torch.equal(ours, tuned.state_dict()[patch]) and not torch.equal(ours, clip.state_dict()[patch])
+
+
+def test_tiny_model_options_reach_write_tiny_only(tmp_path, capsys):
+    out = tmp_path / "legacy"
+    assert main(["tiny-model", "--backbone", "llava", "--option", "legacy=true", "--option", "vocab_size=700", str(out)]) == 2
+    assert "has no option 'vocab_size'; its options are: feature, vision_tower; its tiny-model options: corpus, legacy, " \
+           "tokenizer" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["tiny-model", "--backbone", "llava", "--option", "legacy=true", str(out)]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["legacy"] is True  # YAML true, not the text
+    with pytest.raises(UserError, match=r"'legacy' only shapes a tiny model when it is written"):
+        get_backbone("llava").load(str(out), legacy=True)
