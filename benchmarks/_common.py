@@ -50,14 +50,15 @@ class LlavaSize(BaseModel):
 
 
 def write_llava(size: LlavaSize, out_dir: str | Path, corpus: Iterable[str], *, device: str = "cpu",
-                dtype: str = "float32", seed: int = 0) -> None:
+                dtype: str = "float32", seed: int = 0, legacy: bool = False) -> None:
     """Write a random ``LlavaForConditionalGeneration`` of ``size`` and its processor (tokenizer
-    trained on ``corpus``) to ``out_dir``, in the llava-hf layout the plugin loads."""
+    trained on ``corpus``, with the Llama tokenizer's ``legacy`` setting) to ``out_dir``, in the
+    llava-hf layout the plugin loads."""
     from transformers import LlavaForConditionalGeneration
 
     from mllm_pib_llava.tiny import IMAGE_TOKEN, tiny_config, tiny_processor
 
-    processor = tiny_processor(corpus, size.image_size, size.patch_size)
+    processor = tiny_processor(corpus, size.image_size, size.patch_size, legacy=legacy)
     tokenizer = processor.tokenizer
     config = tiny_config(
         max(size.vocab_size, len(tokenizer)), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),

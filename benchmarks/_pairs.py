@@ -92,9 +92,10 @@ def preference_records(scenes, words: int) -> list[dict]:
     return records
 
 
-def write_pairs_and_model(work: Path, size: BenchSize, device: str, dtype: str) -> Path:
+def write_pairs_and_model(work: Path, size: BenchSize, device: str, dtype: str, legacy: bool = False) -> Path:
     """Write one pair per step of the run (``data/pairs.jsonl`` and its images) and a random
-    LLaVA of ``size`` whose tokenizer is trained on them (``model/``); returns the pairs file."""
+    LLaVA of ``size`` whose tokenizer is trained on them (``model/``, with the Llama tokenizer's
+    ``legacy`` setting); returns the pairs file."""
     from mllm_pib.demo import world as W
     from mllm_pib.tokenizer import DEFAULT_CORPUS
 
@@ -104,7 +105,7 @@ def write_pairs_and_model(work: Path, size: BenchSize, device: str, dtype: str) 
     pairs = work / "data" / "pairs.jsonl"
     W.write_jsonl(pairs, records)
     corpus = [DEFAULT_CORPUS] + [r[k] for r in records for k in ("chosen", "rejected")]
-    C.write_llava(size.model, work / "model", corpus, device=device, dtype=dtype)
+    C.write_llava(size.model, work / "model", corpus, device=device, dtype=dtype, legacy=legacy)
     return pairs
 
 

@@ -102,7 +102,10 @@ def check_same_tokens(setup: dict, backbone) -> dict:
 
 def prepare(work: Path, size: BenchSize, device: str, dtype: str) -> dict:
     """Write the model and the pairs; returns the run's setup."""
-    pairs = P.write_pairs_and_model(work, size, device, dtype)
+    # TRL tokenises the prompt text whole; a legacy Llama tokenizer then gives the ids LLaVA's
+    # chunked tokenisation gives (a non-legacy one drops the "▁" after the image), so both
+    # schemes train on the same tokens
+    pairs = P.write_pairs_and_model(work, size, device, dtype, legacy=True)
     setup = {"device": device, "dtype": dtype, "model": str(work / "model"), "pairs": str(pairs), "work": str(work),
              "pairs_per_batch": size.pairs_per_batch, "pib": size.pib}
     backbone = C.load_llava(work / "model", device, dtype)

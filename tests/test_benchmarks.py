@@ -133,3 +133,23 @@ def test_relay_releases_every_trainer_when_one_fails():
     relay.fail(ValueError("trainer a broke"))
     thread.join(timeout=10)
     assert not thread.is_alive() and "another trainer failed" in str(errors[0])
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_whole_prompt_tokenisation_matches_llava_only_with_a_legacy_tokenizer(legacy):
+    """`vs_trl.py` writes its model with a legacy Llama tokenizer: TRL's collator runs the whole
+    prompt text through the processor, mllm-pib tokenises it in pieces around the image as LLaVA
+    does, and only a legacy tokenizer gives both the same ids (else the benchmark refuses to run)."""
+    from PIL import Image
+
+    from mllm_pib.backbone import tokenize_around_image
+    from mllm_pib_llava.backbone import LLAVA_V1
+    from mllm_pib_llava.tiny import IMAGE_TOKEN, tiny_processor
+
+    processor = tiny_processor(["Describe the image. A red circle next to a blue square."], 48, 8, legacy=legacy)
+    tokenizer = processor.tokenizer
+    text = LLAVA_V1.prompt_text("Describe the image.", IMAGE_TOKEN)
+    whole = processor(text=tokenizer.bos_token + text, images=Image.new("RGB", (48, 48)), add_special_tokens=False)
+    pieces = tokenize_around_image(tokenizer, text, IMAGE_TOKEN, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), 36)
+    assert (whole["input_ids"][0] == pieces) == legacy
+    assert abs(len(whole["input_ids"][0]) - len(pieces)) == (0 if legacy else 1)  # the "▁" after the image
