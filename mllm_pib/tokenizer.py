@@ -185,14 +185,13 @@ def train_gemma_tokenizer(
     model.pre_tokenizer = pre_tokenizers.Split(Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁\n]+|\n+|▁+"), behavior="isolated")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - reserved, show_progress=False)
     model.train_from_iterator(list(corpus), trainer=trainer)
-    trained = json.loads(model.to_str())["model"]
+    pieces, merges = _trained_bpe(model)
     vocab = {token: index for index, token in enumerate([*GEMMA_SPECIALS, *BYTE_TOKENS])}
-    for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+    for piece in pieces:
         vocab.setdefault(piece, len(vocab))
     named = dict(named_special_tokens or {})
     for token in named.values():
         vocab[token] = len(vocab)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
     tokenizer = GemmaTokenizer(vocab=vocab, merges=merges, padding_side=padding_side, add_bos_token=True,
                                extra_special_tokens=named or None)
     tokenizer.add_special_tokens({"additional_special_tokens": list(GEMMA_SPECIALS[5:])})
@@ -216,10 +215,16 @@ def _train_byte_level_bpe(corpus: Iterable[str], vocab_size: int, pre_tokenizer)
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     model.train_from_iterator(list(corpus), trainer=trainer)
+    pieces, merges = _trained_bpe(model)
+    return {piece: index for index, piece in enumerate(pieces)}, merges
+
+
+def _trained_bpe(model: Tokenizer) -> tuple[list[str], list[tuple[str, str]]]:
+    """A trained BPE model's pieces in id order and its merges as pairs."""
     trained = json.loads(model.to_str())["model"]
-    vocab = dict(sorted(trained["vocab"].items(), key=lambda item: item[1]))
+    pieces = [piece for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1])]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    return vocab, merges
+    return pieces, merges
 
 
 # Llama 3's pre-tokenizer: Qwen2's, but numbers split into runs of up to three digits

@@ -268,43 +268,19 @@ def test_cached_decoding_logits_equal_transformers_forward(backbone):
         assert torch.allclose(logits, theirs[:, ids.shape[1] - 1 + j], atol=1e-5)
 
 
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_cached_generation_equals_uncached(backbone, num_beams):
-    torch.manual_seed(0)
-    model = with_gates(PIBModel(backbone, pib_config={"num_heads": 4, "intermediate_size": 64}))
-    images = pictures(3)
-    questions = QUESTIONS + ["Is there a dog?"]
-    batch = model.prompt_batch(images, questions)
-    runs = [model.generate(batch["input_ids"], batch["attention_mask"], batch["vision_inputs"], max_new_tokens=6,
-                           num_beams=num_beams, use_cache=flag) for flag in (True, False)]
-    assert torch.equal(*runs)
-    # and a row alone decodes as it does in the batch (padding and other images change nothing)
-    alone = model.prompt_batch(images[1:2], questions[1:2])
-    single = model.generate(alone["input_ids"], alone["attention_mask"], alone["vision_inputs"], max_new_tokens=6,
-                            num_beams=num_beams)
-    assert until_stop(single[0].tolist(), backbone) == until_stop(runs[0][1].tolist(), backbone)
-
-
 # ------------------------------------------------------------------ preference scoring
 
 
 def pair_batch(bb, images):
     """Three pairs in the layout of ``PreferenceCollator``: left-padded prompts, right-padded
     answers (chosen rows, then rejected rows), the images' processor inputs."""
-    pad = bb.pad_token_id
+    from mllm_pib.data.dataset import pad
+
     prompts = [bb.prompt_ids(q, image) for q, image in zip(QUESTIONS + ["Is there a dog?"], images)]
     chosen = [bb.answer_ids(a) for a in ANSWERS + ["No."]]
     rejected = [bb.answer_ids(a) for a in ["No, there is none.", "A dog.", "Yes, there is a big brown dog."]]
-
-    def padded(rows, side):
-        width = max(map(len, rows))
-        fill = [[pad] * (width - len(r)) for r in rows]
-        ids = [f + r if side == "left" else r + f for r, f in zip(rows, fill)]
-        mask = [[0] * len(f) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(f) for r, f in zip(rows, fill)]
-        return torch.tensor(ids), torch.tensor(mask)
-
-    prompt_ids, prompt_mask = padded(prompts, "left")
-    answer_ids, answer_mask = padded(chosen + rejected, "right")
+    prompt_ids, prompt_mask = pad(prompts, bb.pad_token_id, "left")
+    answer_ids, answer_mask = pad(chosen + rejected, bb.pad_token_id, "right")
     return {"vision_inputs": bb.preprocess(images), "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "answer_ids": answer_ids, "answer_mask": answer_mask}
 
